@@ -1,0 +1,117 @@
+"""Scorer: checkpoint -> R-score, z and log A-score for a batch of images. Knows nothing of Kafka.
+
+R(x) = || f(x, x) - f(x, G(E(x))) ||_1 with f the critic's sum-pooled penultimate features
+(paper eq. 5); both halves of the pair go through the critic in ONE pass over the 2B batch.
+The A-score (eq. 6) is the Gaussian density of R under the fitted (mu, sigma); it is reported
+as z = (R - mu) / sigma and log A, never as a raw density that underflows.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.utils import parametrize
+
+from . import ops
+from .checkpoint import Checkpoint, load_checkpoint
+from .model import stacked_pairs
+from .preprocess import prepare_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scores:
+    """Per-image results, numpy float64 arrays of length B."""
+
+    r: np.ndarray
+    z: np.ndarray
+    log_a: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.r)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' -> the first CUDA device when one is usable, else the CPU; validates 'cuda:N'."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid device {device!r}: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}; use auto, cpu or cuda:N")
+    return dev
+
+
+def _bake_spectral_norm(module: torch.nn.Module) -> None:
+    """Replace spectral-norm parametrizations by their current (eval) value: same outputs, less work."""
+    for sub in module.modules():
+        if parametrize.is_parametrized(sub):
+            for name in list(sub.parametrizations.keys()):
+                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
+
+
+class Scorer:
+    """Loads a checkpoint once; scores batches of images on one device."""
+
+    def __init__(self, checkpoint: str | Checkpoint, device: str | torch.device | None = "auto"):
+        self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        self.device = resolve_device(device)
+        model = self.checkpoint.build_model("cpu")
+        with torch.no_grad():
+            _bake_spectral_norm(model)
+        self.model = model.to(self.device).eval()
+        self.spec = self.checkpoint.preprocess
+        self.mirrored = self.checkpoint.model.mirrored
+        self.mu = self.checkpoint.mu
+        self.sigma = self.checkpoint.sigma
+
+    @property
+    def model_id(self) -> str:
+        return self.checkpoint.model_id
+
+    def prepare(self, images) -> torch.Tensor:
+        """Decoded uint8 images (HxW or HxWxC, any size) -> CPU model input [B, C, S, S]."""
+        return prepare_batch(images, self.spec)
+
+    @torch.inference_mode()
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Critic activation h [2B, W, 8, 8] for the stacked pairs (x, x) and (x, G(E(x)))."""
+        x = x.to(self.device, non_blocking=True)
+        x_hat = self.model.generator(self.model.encoder(x))
+        return self.model.discriminator.feature_map(stacked_pairs(x, x_hat, self.mirrored))
+
+    @torch.inference_mode()
+    def score_tensor(self, x: torch.Tensor, mu: float | None = None, sigma: float | None = None) -> Scores:
+        """x [B, C, S, S] in [-1, 1] -> Scores under (mu, sigma), defaulting to the checkpoint's."""
+        mu = self.mu if mu is None else mu
+        sigma = self.sigma if sigma is None else sigma
+        if not (math.isfinite(mu) and math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"invalid calibration mu={mu!r} sigma={sigma!r}")
+        expected = (self.spec.channels, self.spec.image_size, self.spec.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected input [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            empty = np.zeros(0)
+            return Scores(empty, empty.copy(), empty.copy())
+        r, z, log_a = ops.pair_rscore(self.feature_map(x), mu, sigma)
+        to_np = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
+        return Scores(to_np(r), to_np(z), to_np(log_a))
+
+    def score_images(self, images, mu: float | None = None, sigma: float | None = None) -> Scores:
+        return self.score_tensor(self.prepare(images), mu, sigma)
+
+    def r_scores(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        """R-scores of a large input tensor, in chunks."""
+        out = [self.score_tensor(x[i : i + batch_size]).r for i in range(0, x.shape[0], batch_size)]
+        return np.concatenate(out) if out else np.zeros(0)
