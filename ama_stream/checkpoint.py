@@ -93,7 +93,7 @@ def weights_id(model: ModelConfig, spec: PreprocessSpec, state_dict: dict[str, t
         t = state_dict[key].detach().cpu().contiguous()
         h.update(key.encode())
         h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

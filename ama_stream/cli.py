@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("ama_stream.commands.calibrate", "fit mu/sigma and the alert threshold on normal data"),
     "serve": ("ama_stream.commands.serve", "run the Kafka scoring agent"),
     "produce": ("ama_stream.commands.produce", "publish image frames from a data source to Kafka"),
-    "demo": ("ama_stream.commands.demo", "end-to-end demo on an embedded broker"),
+    "demo": ("training.commands.demo", "end-to-end demo on an embedded broker"),
 }
 
 USAGE_ERROR = 2

@@ -1,0 +1,74 @@
+"""Settings precedence (YAML < env < command line) and one-line errors."""
+import pytest
+
+from ama_stream.settings import AmaSettings, Section, SettingsError, load_settings, masked, parse_overrides
+
+
+class Kafka(Section):
+    bootstrap: str = "localhost:9092"
+    password: str | None = None
+
+
+class Limits(Section):
+    max_batch: int = 64
+    classes: list[str] = []
+
+
+class Example(AmaSettings):
+    kafka: Kafka = Kafka()
+    limits: Limits = Limits()
+    device: str = "auto"
+
+
+def test_precedence_yaml_then_env_then_cli(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("kafka: {bootstrap: 'yaml:1'}\nlimits: {max_batch: 8}\ndevice: cpu\n")
+    assert load_settings(Example, cfg).limits.max_batch == 8
+    monkeypatch.setenv("AMA_LIMITS__MAX_BATCH", "16")
+    monkeypatch.setenv("AMA_DEVICE", "cuda:0")
+    s = load_settings(Example, cfg)
+    assert (s.kafka.bootstrap, s.limits.max_batch, s.device) == ("yaml:1", 16, "cuda:0")
+    s = load_settings(Example, cfg, parse_overrides(["limits.max_batch=32", "limits.classes=[good]"]))
+    assert (s.limits.max_batch, s.limits.classes, s.device) == (32, ["good"], "cuda:0")
+
+
+def test_settings_are_frozen():
+    s = load_settings(Example)
+    with pytest.raises(Exception):
+        s.device = "cpu"
+
+
+@pytest.mark.parametrize(
+    "yaml_text, match",
+    [
+        ("limits: {max_batsh: 3}\n", r"limits\.max_batsh: unknown key"),
+        ("limits: {max_batch: many}\n", r"limits\.max_batch: .*integer.*'many'"),
+        ("- a\n- b\n", "mapping"),
+        ("kafka: {bootstrap: [unclosed\n", "not valid YAML at line"),
+    ],
+)
+def test_bad_config_files_get_one_line_errors(tmp_path, yaml_text, match):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(SettingsError, match=match) as exc:
+        load_settings(Example, cfg)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(SettingsError, match="config file not found"):
+        load_settings(Example, tmp_path / "nope.yaml")
+
+
+def test_override_syntax_errors():
+    with pytest.raises(SettingsError, match="dotted.key=value"):
+        parse_overrides(["novalue"])
+    with pytest.raises(SettingsError, match="dotted.key=value"):
+        parse_overrides(["a..b=1"])
+    with pytest.raises(SettingsError, match="sub-keys"):
+        parse_overrides(["a=1", "a.b=2"])
+
+
+def test_masking_of_secrets():
+    data = {"kafka": {"bootstrap": "h:1", "sasl_plain_password": "hunter2", "ssl_password": None}}
+    assert masked(data) == {"kafka": {"bootstrap": "h:1", "sasl_plain_password": "***", "ssl_password": None}}

@@ -1,0 +1,113 @@
+"""Training configuration: one pydantic-settings model, YAML file < env (AMA_*) < command line.
+
+Every component of the method is a switch here so the paper's ablations (Table 1 bottom,
+Table 3) are configs, not code: the mirrored pair, spectral norm, gradient penalty, simplex
+interpolation, atypical negatives (mode, direction, radius) and the latent regulariser.
+Defaults are the paper's hyperparameters (DESIGN.md section 3).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ama_stream.model import ModelConfig
+from ama_stream.settings import AmaSettings, Section
+
+from .datasets import DataConfig
+
+
+class ModelSection(Section):
+    nz: int = Field(128, ge=1)
+    enc_width: int = Field(64, ge=1)
+    gen_width: int = Field(256, ge=1)
+    disc_width: int = Field(128, ge=1)
+    spectral_norm: bool = True
+    mirrored: bool = True  # False = the "w/o mirrored" ablation: D sees single images
+
+
+class GradientPenaltySection(Section):
+    enabled: bool = True
+    weight: float = Field(10.0, ge=0)
+
+
+class InterpolationSection(Section):
+    enabled: bool = True
+    k: int = Field(3, ge=2)  # codes mixed per interpolant
+    alpha_max: float = Field(0.5, gt=0)  # alpha_i ~ U(0, alpha_max), weights alpha_i / sum(alpha)
+    weight: float = Field(0.5, ge=0)  # lambda_inter
+
+
+class NegativesSection(Section):
+    """Atypical selection: latent codes outside the data's typical region, decoded as negatives."""
+
+    enabled: bool = True
+    mode: Literal["shell", "relative", "cube"] = "shell"
+    direction: Literal["inward", "outward"] = "inward"
+    radius: Literal["typical", "empirical"] | float = "typical"  # typical: sqrt(nz); empirical: batch median ||E(x)||
+    delta: float = Field(0.5, gt=0)  # shell thickness as a fraction of the radius (cube: box margin)
+    weight: float = Field(5.0, ge=0)  # lambda_neg
+    start_epoch: int = Field(10, ge=0)  # 0-based: the paper starts at epoch 11
+    fraction: float = Field(0.1, gt=0, le=1)  # negatives per batch, as a fraction of the batch size
+
+    @field_validator("radius")
+    @classmethod
+    def _positive_radius(cls, v):
+        if isinstance(v, float) and v <= 0:
+            raise ValueError("radius must be 'typical', 'empirical' or a positive number")
+        return v
+
+
+class LossSection(Section):
+    gradient_penalty: GradientPenaltySection = GradientPenaltySection()
+    interpolation: InterpolationSection = InterpolationSection()
+    negatives: NegativesSection = NegativesSection()
+    latent_reg: float = Field(1.0, ge=0)  # lambda_reg * mean ||E(x)||_2; 0 disables
+
+
+class OptimSection(Section):
+    lr: float = Field(3e-4, gt=0)
+    betas_e: tuple[float, float] = (0.5, 0.9)
+    betas_g: tuple[float, float] = (0.0, 0.9)
+    betas_d: tuple[float, float] = (0.0, 0.9)
+    milestones: list[int] = [30, 60, 90]  # epochs at which every lr is multiplied by gamma
+    gamma: float = Field(0.1, gt=0)
+    d_steps: int = Field(5, ge=1)  # critic updates per E/G update
+
+
+class TrainSection(Section):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=2)
+    steps_per_epoch: int | None = Field(None, ge=1)  # cap an epoch (CPU presets); None = one pass
+    max_steps: int | None = Field(None, ge=1)  # stop after this many E/G steps in all
+    log_every: int = Field(50, ge=1)
+    fit_max_images: int = Field(20000, ge=2)  # training images used to fit mu/sigma of R
+    select_from_epoch: int = Field(20, ge=0)  # model selection with labelled val anomalies starts here
+
+
+class TrainConfig(AmaSettings):
+    data: DataConfig
+    model: ModelSection = ModelSection()
+    loss: LossSection = LossSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    seed: int = 0
+    device: str = "auto"
+    data_root: str | None = None  # AMA_DATA_ROOT; relative data roots resolve against it
+
+    @model_validator(mode="after")
+    def _check_model_fits_data(self):
+        self.model_config_for_data()  # raises ValueError with a clear message if not
+        return self
+
+    def model_config_for_data(self) -> ModelConfig:
+        return ModelConfig(
+            image_size=self.data.image_size,
+            channels=self.data.channels,
+            nz=self.model.nz,
+            enc_width=self.model.enc_width,
+            gen_width=self.model.gen_width,
+            disc_width=self.model.disc_width,
+            spectral_norm=self.model.spectral_norm,
+            mirrored=self.model.mirrored,
+        )

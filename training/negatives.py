@@ -1,0 +1,55 @@
+"""Atypical selection: latent codes away from where the encoder puts normal data.
+
+Modes (DESIGN.md section 3):
+- shell:    uniform over the volume between radii r and r(1 -/+ delta); r = sqrt(nz) ("typical",
+            the typical-set radius of N(0, I)), the batch's median ||E(x)|| ("empirical"), or a number.
+- relative: the authors' code: alpha * E(x) (inward) or E(x) / alpha (outward), alpha ~ U(0, delta).
+- cube:     Sipple (2020) baseline: uniform in the batch codes' bounding box widened by delta per side.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ama_stream import ops
+
+from .config import NegativesSection
+
+
+def needs_codes(cfg: NegativesSection) -> bool:
+    """Whether sampling looks at the batch's encodings (else only the latent size matters)."""
+    return cfg.mode != "shell" or cfg.radius == "empirical"
+
+
+def shell_radii(cfg: NegativesSection, nz: int, codes: torch.Tensor | None) -> tuple[float, float]:
+    if cfg.radius == "typical":
+        r = math.sqrt(nz)
+    elif cfg.radius == "empirical":
+        assert codes is not None
+        r = float(codes.norm(dim=1).median())
+    else:
+        r = float(cfg.radius)
+    if cfg.direction == "inward":
+        return max(r * (1.0 - cfg.delta), 0.0), r
+    return r, r * (1.0 + cfg.delta)
+
+
+def sample_negatives(cfg: NegativesSection, n: int, nz: int, codes: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """n negative codes [n, nz] on `device`. `codes`: the batch's encodings, required when needs_codes(cfg)."""
+    if needs_codes(cfg) and codes is None:
+        raise ValueError(f"negatives mode {cfg.mode!r} with radius {cfg.radius!r} needs the batch's codes")
+    if cfg.mode == "shell":
+        r_in, r_out = shell_radii(cfg, nz, codes)
+        return ops.shell_sample(n, nz, r_in, r_out, generator=generator).to(device)
+    codes = codes.detach()
+    if cfg.mode == "relative":
+        idx = torch.randint(codes.shape[0], (n,), generator=generator)
+        alpha = (torch.rand(n, 1, generator=generator) * cfg.delta).clamp_min(1e-3).to(codes.device)
+        base = codes[idx.to(codes.device)]
+        return alpha * base if cfg.direction == "inward" else base / alpha
+    lo, hi = codes.min(dim=0).values, codes.max(dim=0).values
+    margin = cfg.delta * (hi - lo)
+    u = torch.rand(n, nz, generator=generator).to(codes.device)
+    return (lo - margin) + u * (hi - lo + 2 * margin)

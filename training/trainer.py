@@ -1,0 +1,288 @@
+"""The AMA training loop: d_steps critic updates per E/G update, the paper's optimisers and
+schedule, atypical negatives from `start_epoch`, seeded and resumable at epoch boundaries.
+
+Outputs in OUT/: model.pt (the checkpoint the Scorer and the agent load), metrics.json, and
+train_state.pt (weights + optimiser/scheduler/RNG state, rewritten every epoch) for --resume.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ama_stream.calibration import Calibration
+from ama_stream.checkpoint import Checkpoint, save_checkpoint
+from ama_stream.fileio import atomic_write_bytes
+from ama_stream.model import AMA
+from ama_stream.preprocess import to_tensor
+from ama_stream.scoring import Scorer, resolve_device
+from ama_stream.sources import resolve_data_root
+
+from .config import TrainConfig
+from .datasets import ProtocolData, build_protocol
+from .evaluate import detection_metrics, fit_gaussian, r_scores
+from .losses import AMAObjective
+from .negatives import needs_codes, sample_negatives
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE_FORMAT = "ama-stream/train-state"
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # next epoch to run (0-based)
+    step: int = 0  # E/G steps done
+    best_score: float = -math.inf
+    best_epoch: int = -1
+
+
+def _plain(obj):
+    """Config dump as JSON-safe plain data (tuples -> lists)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: ProtocolData, out_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.data = data
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # interpolation weights, negatives, GP
+        self.rng = np.random.default_rng(cfg.seed + 2)  # data order
+        self.model_cfg = cfg.model_config_for_data()
+        self.model = AMA(self.model_cfg).to(self.device)
+        o = cfg.optim
+        self.opt_e = torch.optim.Adam(self.model.encoder.parameters(), lr=o.lr, betas=o.betas_e)
+        self.opt_g = torch.optim.Adam(self.model.generator.parameters(), lr=o.lr, betas=o.betas_g)
+        self.opt_d = torch.optim.Adam(self.model.discriminator.parameters(), lr=o.lr, betas=o.betas_d)
+        self.optimizers = {"e": self.opt_e, "g": self.opt_g, "d": self.opt_d}
+        self.schedulers = {
+            k: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=o.milestones, gamma=o.gamma)
+            for k, opt in self.optimizers.items()
+        }
+        self.objective = AMAObjective(cfg.loss, cfg.model.mirrored)
+        self.state = LoopState()
+        self.best_weights: dict | None = None
+        self.train_images = data.train
+        if len(self.train_images) < cfg.train.batch_size:
+            raise ValueError(
+                f"only {len(self.train_images)} training images for batch size {cfg.train.batch_size}; "
+                "lower train.batch_size or add data"
+            )
+
+    # ----- schedule -------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        full = len(self.train_images) // self.cfg.train.batch_size
+        cap = self.cfg.train.steps_per_epoch
+        return min(full, cap) if cap else full
+
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch() * self.cfg.train.epochs
+        return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
+
+    def _negatives_on(self, epoch: int) -> bool:
+        n = self.cfg.loss.negatives
+        return n.enabled and n.weight > 0 and epoch >= n.start_epoch
+
+    # ----- one step -------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, epoch: int) -> dict[str, float]:
+        z_neg = None
+        if self._negatives_on(epoch):
+            ncfg = self.cfg.loss.negatives
+            n_neg = max(1, round(ncfg.fraction * x.shape[0]))
+            codes = None
+            if needs_codes(ncfg):
+                with torch.no_grad():
+                    codes = self.model.encoder(x)
+            z_neg = sample_negatives(ncfg, n_neg, self.model_cfg.nz, codes, self.gen, device=x.device)
+        d = self.model.discriminator
+        for _ in range(self.cfg.optim.d_steps):
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d, logs_d = self.objective.critic_loss(self.model, x, z_neg, self.gen)
+            loss_d.backward()
+            self.opt_d.step()
+        d.requires_grad_(False)  # the E/G step needs gradients through D, not for D
+        try:
+            self.opt_e.zero_grad(set_to_none=True)
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g, logs_g = self.objective.autoencoder_loss(self.model, x, z_neg, self.gen)
+            loss_g.backward()
+            self.opt_e.step()
+            self.opt_g.step()
+        finally:
+            d.requires_grad_(True)
+        if not (math.isfinite(logs_d["loss_d"]) and math.isfinite(logs_g["loss_g"])):
+            raise RuntimeError(f"training diverged at step {self.state.step}: losses {logs_d} {logs_g}")
+        return {**logs_d, **logs_g}
+
+    # ----- the loop -------------------------------------------------------------------------
+    def fit(self) -> Checkpoint:
+        cfg = self.cfg.train
+        total, per_epoch = self.total_steps(), self.steps_per_epoch()
+        log.info("training on %s: %d images, batch %d, %d steps/epoch, %d steps in all (%d done)",
+                 self.device, len(self.train_images), cfg.batch_size, per_epoch, total, self.state.step)
+        t0, step0 = time.monotonic(), self.state.step
+        while self.state.epoch < cfg.epochs and self.state.step < total:
+            epoch = self.state.epoch
+            self.model.train()
+            order = self.rng.permutation(len(self.train_images))
+            for i in range(per_epoch):
+                if self.state.step >= total:
+                    break
+                idx = np.sort(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
+                x = to_tensor(self.train_images[idx]).to(self.device, non_blocking=True)
+                logs = self.train_step(x, epoch)
+                self.state.step += 1
+                if self.state.step % cfg.log_every == 0 or self.state.step == total:
+                    rate = (self.state.step - step0) / max(time.monotonic() - t0, 1e-9)
+                    eta = (total - self.state.step) / max(rate, 1e-9)
+                    log.info("epoch %d/%d step %d/%d %s | %.2f step/s, eta %.0fs", epoch + 1, cfg.epochs,
+                             self.state.step, total, " ".join(f"{k}={v:.4g}" for k, v in logs.items()), rate, eta)
+            for sched in self.schedulers.values():
+                sched.step()
+            self.state.epoch += 1
+            self._select_model(epoch)
+            self.save_train_state()
+        if self.best_weights is not None:
+            log.info("using the model selected at epoch %d (val AUROC-A %.4f)", self.state.best_epoch + 1,
+                     self.state.best_score)
+            self.model.load_state_dict(self.best_weights)
+        return self.finish()
+
+    def _select_model(self, epoch: int) -> None:
+        """The paper's protocol: keep the epoch with the best validation AUROC on labelled anomalies."""
+        val = self.data.val
+        if val is None or int(np.sum(val.labels)) == 0 or epoch < self.cfg.train.select_from_epoch:
+            return
+        scorer = self._scorer(mu=0.0, sigma=1.0)
+        fit_r = r_scores(scorer, self._fit_subset())
+        mu, sigma = fit_gaussian(fit_r)
+        scorer.mu, scorer.sigma = mu, sigma
+        metrics = detection_metrics(r_scores(scorer, val.images), val.labels, self._calibration(scorer))
+        if metrics["auroc_a"] > self.state.best_score:
+            self.state.best_score, self.state.best_epoch = metrics["auroc_a"], epoch
+            self.best_weights = copy.deepcopy(self.model.state_dict())
+        log.info("epoch %d validation AUROC-A %.4f (best %.4f at epoch %d)", epoch + 1, metrics["auroc_a"],
+                 self.state.best_score, self.state.best_epoch + 1)
+
+    # ----- outputs --------------------------------------------------------------------------
+    def _checkpoint(self, mu: float, sigma: float, n: int, metrics: dict | None = None) -> Checkpoint:
+        return Checkpoint(
+            model=self.model_cfg,
+            preprocess=self.cfg.data.preprocess_spec(),
+            state_dict={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            mu=mu,
+            sigma=sigma,
+            n_train=n,
+            train_config=_plain(self.cfg.model_dump(mode="json")),
+            metrics=metrics or {},
+        )
+
+    def _scorer(self, mu: float, sigma: float) -> Scorer:
+        return Scorer(self._checkpoint(mu, sigma, 0), device=self.device)
+
+    @staticmethod
+    def _calibration(scorer: Scorer) -> Calibration:
+        return Calibration.from_checkpoint(scorer.checkpoint)
+
+    def _fit_subset(self) -> np.ndarray:
+        n = min(len(self.train_images), self.cfg.train.fit_max_images)
+        idx = np.sort(np.random.default_rng(self.cfg.seed + 3).choice(len(self.train_images), n, replace=False))
+        return self.train_images[idx]
+
+    def finish(self) -> Checkpoint:
+        """Fit mu/sigma of the training R-scores, evaluate on the test protocol, write outputs."""
+        scorer = self._scorer(mu=0.0, sigma=1.0)
+        fit_images = self._fit_subset()
+        mu, sigma = fit_gaussian(r_scores(scorer, fit_images))
+        log.info("training R-scores: mu=%.6g sigma=%.6g (n=%d)", mu, sigma, len(fit_images))
+        ckpt = self._checkpoint(mu, sigma, len(fit_images))
+        metrics = {"epochs": self.state.epoch, "steps": self.state.step}
+        if self.state.best_epoch >= 0:
+            metrics["selected_epoch"] = self.state.best_epoch + 1
+        test = self.data.test
+        if test is not None and len(test.labels):
+            scorer = Scorer(ckpt, device=self.device)
+            metrics.update(detection_metrics(r_scores(scorer, test.images), test.labels, self._calibration(scorer)))
+            log.info("test: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        ckpt.metrics = metrics
+        if self.out_dir:
+            save_checkpoint(ckpt, self.out_dir / "model.pt")
+            metrics_out = {**metrics, "model_id": ckpt.model_id, "mu": mu, "sigma": sigma}
+            atomic_write_bytes(self.out_dir / "metrics.json", (json.dumps(metrics_out, indent=2) + "\n").encode())
+            log.info("wrote %s and %s", self.out_dir / "model.pt", self.out_dir / "metrics.json")
+        else:
+            ckpt.model_id = ""
+        return ckpt
+
+    # ----- resume ---------------------------------------------------------------------------
+    def save_train_state(self) -> None:
+        if not self.out_dir:
+            return
+        payload = {
+            "format": TRAIN_STATE_FORMAT,
+            "version": 1,
+            "train_config": _plain(self.cfg.model_dump(mode="json")),
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "loop": {"epoch": self.state.epoch, "step": self.state.step,
+                     "best_score": self.state.best_score, "best_epoch": self.state.best_epoch},
+            "best_weights": self.best_weights,
+            "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state(),
+                    "numpy": json.dumps(self.rng.bit_generator.state)},
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        atomic_write_bytes(self.out_dir / "train_state.pt", buf.getvalue())
+
+    def load_train_state(self, path: str | Path) -> None:
+        path = Path(path)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such training state file") from None
+        except Exception as exc:  # corrupt, truncated or unsafe pickle
+            raise ValueError(f"{path}: not a readable training state ({type(exc).__name__})") from None
+        if not isinstance(payload, dict) or payload.get("format") != TRAIN_STATE_FORMAT:
+            raise ValueError(f"{path}: not an ama-stream training state (expected OUT/train_state.pt)")
+        saved_model = payload["train_config"].get("model")
+        if saved_model != _plain(self.cfg.model.model_dump(mode="json")):
+            raise ValueError(f"{path}: saved model section {saved_model} differs from the configuration")
+        self.model.load_state_dict(payload["state_dict"])
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(payload["optimizers"][k])
+        for k, sched in self.schedulers.items():
+            sched.load_state_dict(payload["schedulers"][k])
+        loop = payload["loop"]
+        self.state = LoopState(loop["epoch"], loop["step"], loop["best_score"], loop["best_epoch"])
+        self.best_weights = payload.get("best_weights")
+        torch.set_rng_state(payload["rng"]["torch"])
+        self.gen.set_state(payload["rng"]["gen"])
+        self.rng.bit_generator.state = json.loads(payload["rng"]["numpy"])
+        log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
+
+
+def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: str | Path | None = None,
+          data: ProtocolData | None = None) -> Checkpoint:
+    """Load the protocol's data, train, fit mu/sigma, evaluate, write OUT/model.pt + metrics.json."""
+    if data is None:
+        data_root = resolve_data_root(cfg.data_root)
+        t0 = time.monotonic()
+        data = build_protocol(cfg.data, data_root, cfg.seed)
+        log.info("loaded data in %.1fs: %d train, %s test", time.monotonic() - t0, len(data.train),
+                 len(data.test.labels) if data.test is not None else 0)
+    trainer = Trainer(cfg, data, out_dir)
+    if resume:
+        trainer.load_train_state(resume)
+    return trainer.fit()
