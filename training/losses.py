@@ -95,13 +95,17 @@ class AMAObjective:
         self.w_inter = cfg.interpolation.weight if cfg.interpolation.enabled else 0.0
         self.w_neg = cfg.negatives.weight
 
+    def _partners(self, perms: torch.Tensor) -> torch.Tensor:
+        """The sources each interpolant is paired with: its own image, or all k sources."""
+        return perms if self.cfg.interpolation.pair_with == "all" else perms[:1]
+
     def _score(self, model: AMA, x, x_hat, inter_images, perms, x_neg, x_neg_hat, with_real: bool) -> PairScores:
         m = self.mirrored
         chunks: list[torch.Tensor] = [pair(x, x_hat, m)]
         if with_real:
             chunks.append(pair(x, x, m))
         if inter_images is not None:
-            chunks += [pair(x[p], inter_images, m) for p in perms]
+            chunks += [pair(x[p], inter_images, m) for p in perms]  # perms[0] is the identity
         if x_neg is not None:
             chunks.append(pair(x_neg, x_neg_hat, m))
             if with_real:
@@ -131,6 +135,7 @@ class AMAObjective:
             if icfg.enabled:
                 mixed, perms = simplex_mix(codes, icfg.k, icfg.alpha_max, generator)
                 inter_images = model.generator(mixed)
+                perms = self._partners(perms)
         scores = self._score(model, x, x_hat, inter_images, perms, x_neg, x_neg_hat, with_real=True)
         value = game_value(scores, self.w_inter, self.w_neg)
         loss = -value
@@ -156,6 +161,7 @@ class AMAObjective:
         if icfg.enabled:
             mixed, perms = simplex_mix(codes, icfg.k, icfg.alpha_max, generator)
             inter_images = model.generator(mixed)
+            perms = self._partners(perms)
         scores = self._score(model, x, x_hat, inter_images, perms, x_neg, x_neg_hat, with_real=False)
         loss = game_value(scores, self.w_inter, self.w_neg)
         logs = {"d_recon": float(scores.recon.mean().detach())}

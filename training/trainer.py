@@ -60,7 +60,8 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # interpolation weights, negatives, GP
         self.rng = np.random.default_rng(cfg.seed + 2)  # data order
         self.model_cfg = cfg.model_config_for_data()
-        self.model = AMA(self.model_cfg).to(self.device)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.model = AMA(self.model_cfg).to(self.device, memory_format=self.memory_format)
         o = cfg.optim
         self.opt_e = torch.optim.Adam(self.model.encoder.parameters(), lr=o.lr, betas=o.betas_e)
         self.opt_g = torch.optim.Adam(self.model.generator.parameters(), lr=o.lr, betas=o.betas_g)
@@ -140,7 +141,8 @@ class Trainer:
                 if self.state.step >= total:
                     break
                 idx = np.sort(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
-                x = to_tensor(self.train_images[idx]).to(self.device, non_blocking=True)
+                x = to_tensor(self.train_images[idx]).to(self.device, non_blocking=True,
+                                                         memory_format=self.memory_format)
                 logs = self.train_step(x, epoch)
                 self.state.step += 1
                 if self.state.step % cfg.log_every == 0 or self.state.step == total:

@@ -1,0 +1,163 @@
+"""Real training on small budgets: reproducibility, resume, the schedule, and train/evaluate through the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ama_stream.checkpoint import load_checkpoint
+from ama_stream.settings import load_settings, parse_overrides
+from training import trainer as trainer_module
+from training.config import TrainConfig
+from training.datasets import EvalSet, ProtocolData
+from training.trainer import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_PRESET = REPO / "configs" / "fmnist_vs_mnist_cpu.yaml"
+TINY = [
+    "model.nz=8", "model.enc_width=4", "model.gen_width=8", "model.disc_width=8",
+    "train.batch_size=16", "train.log_every=1", "train.fit_max_images=64", "device=cpu",
+]
+
+
+def tiny_config(*extra: str) -> TrainConfig:
+    return load_settings(TrainConfig, CPU_PRESET, parse_overrides(TINY + list(extra)))
+
+
+def synthetic_data(n=96, seed=0) -> ProtocolData:
+    rng = np.random.default_rng(seed)
+    normal = rng.integers(0, 60, (n, 32, 32, 1), dtype=np.uint8)
+    anomaly = rng.integers(150, 255, (16, 32, 32, 1), dtype=np.uint8)
+    test = EvalSet(np.concatenate([normal[:32], anomaly]), np.array([0] * 32 + [1] * 16), ())
+    empty = EvalSet(normal[:0], np.zeros(0, np.int64), ())
+    return ProtocolData(normal, (), empty, test)
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "ama_stream.cli", *args], capture_output=True, text=True, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ama-stream {args[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc
+
+
+def weights(ckpt) -> dict:
+    return {k: v.clone() for k, v in ckpt.state_dict.items()}
+
+
+def test_same_seed_same_model_different_seed_different_model():
+    cfg = tiny_config("train.max_steps=3", "loss.negatives.start_epoch=0")
+    a = weights(train(cfg, data=synthetic_data()))
+    b = weights(train(cfg, data=synthetic_data()))
+    c = weights(train(tiny_config("train.max_steps=3", "loss.negatives.start_epoch=0", "seed=1"), data=synthetic_data()))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    # 2 epochs of 3 steps, with the negatives switching on in the second epoch and an lr milestone.
+    common = ["train.steps_per_epoch=3", "loss.negatives.start_epoch=1", "optim.milestones=[1]"]
+    straight = train(tiny_config(*common, "train.epochs=2"), out_dir=tmp_path / "straight", data=synthetic_data())
+    train(tiny_config(*common, "train.epochs=1"), out_dir=tmp_path / "part", data=synthetic_data())
+    resumed = train(tiny_config(*common, "train.epochs=2"), out_dir=tmp_path / "resumed",
+                    resume=tmp_path / "part" / "train_state.pt", data=synthetic_data())
+    assert resumed.metrics["steps"] == straight.metrics["steps"] == 6
+    for k, v in straight.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[k], v, rtol=0, atol=0)
+
+
+def test_resume_refuses_a_different_model_and_garbage(tmp_path):
+    train(tiny_config("train.max_steps=1"), out_dir=tmp_path / "a", data=synthetic_data())
+    other = Trainer(tiny_config("model.nz=12"), synthetic_data())
+    with pytest.raises(ValueError, match="differs from the configuration"):
+        other.load_train_state(tmp_path / "a" / "train_state.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable training state"):
+        other.load_train_state(tmp_path / "junk.pt")
+
+
+def test_negatives_start_at_their_epoch_and_lr_follows_milestones(monkeypatch):
+    calls = []
+    real = trainer_module.sample_negatives
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "sample_negatives", spy)
+    cfg = tiny_config("train.epochs=3", "train.steps_per_epoch=2", "loss.negatives.start_epoch=2", "optim.milestones=[1, 2]")
+    t = Trainer(cfg, synthetic_data())
+    t.fit()
+    assert len(calls) == 2  # only the third epoch's two steps
+    for opt in t.optimizers.values():
+        assert opt.param_groups[0]["lr"] == pytest.approx(3e-4 * 0.01)
+
+
+def test_model_selection_with_labelled_validation_anomalies():
+    data = synthetic_data()
+    val = EvalSet(data.test.images, data.test.labels, ())
+    cfg = tiny_config("train.epochs=2", "train.steps_per_epoch=2", "train.select_from_epoch=0")
+    t = Trainer(cfg, ProtocolData(data.train, (), val, data.test))
+    ckpt = t.fit()
+    assert t.state.best_epoch in (0, 1)
+    assert ckpt.metrics["selected_epoch"] == t.state.best_epoch + 1
+
+
+def test_too_few_images_for_the_batch():
+    with pytest.raises(ValueError, match="batch size"):
+        Trainer(tiny_config("train.batch_size=200"), synthetic_data())
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_through_the_cli_on_fashion_mnist(tmp_path, data_root):
+    out = tmp_path / "run"
+    sets = [f"--set={s}" for s in TINY + ["data.limit_train=2000", "data.limit_test=600"]]
+    proc = run_cli("train", "--config", str(CPU_PRESET), "--out", str(out), "--max-steps", "6",
+                   "--data-root", str(data_root), "--seed", "3", *sets)
+    assert "model.pt" in proc.stdout
+    ckpt = load_checkpoint(out / "model.pt")
+    assert ckpt.train_config["seed"] == 3 and ckpt.metrics["steps"] == 6
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["auroc_a"] <= 1.0 and metrics["model_id"] == ckpt.model_id
+    assert (out / "train_state.pt").is_file()
+
+    proc = run_cli("evaluate", "--checkpoint", str(out / "model.pt"), "--data-root", str(data_root))
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1  # exactly one JSON line on stdout; logs go to stderr
+    result = json.loads(lines[0])
+    for key in ("auroc_a", "auroc_r", "aupr_a", "aupr_r", "f1_a"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["n_normal"] + result["n_anomaly"] == 600
+    assert result["n_anomaly"] == 100  # 20% of the normal count, kept by limit_test
+    assert result["auroc_r"] == pytest.approx(metrics["auroc_r"])  # same protocol, same seed, same scores
+
+    # Replace the anomaly side: Fashion-MNIST vs a folder of bright noise images.
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(noise / f"{i}.png")
+    proc = run_cli("evaluate", "--checkpoint", str(out / "model.pt"), "--data-root", str(data_root),
+                   "--anomaly", f"folder:{noise}", "--set", "data.limit_test=null")
+    result = json.loads(proc.stdout)
+    # all 40 (fewer than 20% of the 10000 normal test images), none dropped by a test-size cap
+    assert result["anomaly"]["root"] == str(noise)
+    assert (result["n_normal"], result["n_anomaly"]) == (10000, 40)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = run_cli("train", "--config", str(CPU_PRESET), "--bogus", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--bogus" in proc.stderr
+    proc = run_cli("train", "--config", str(CPU_PRESET), "--set", "model.depth=3", check=False)
+    assert proc.returncode == 1 and "model.depth: unknown key" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("train", "--config", str(tmp_path / "none.yaml"), check=False)
+    assert proc.returncode == 1 and "config file not found" in proc.stderr
+    proc = run_cli("evaluate", "--checkpoint", str(tmp_path / "none.pt"), check=False)
+    assert proc.returncode == 1 and "no such checkpoint" in proc.stderr
+    proc = run_cli("train", "--config", str(CPU_PRESET), "--epochs", "zero", check=False)
+    assert proc.returncode == 2 and "invalid int value" in proc.stderr
