@@ -2,12 +2,72 @@
 
 The compiled ops (`ama_stream._C`, from csrc/) are added by `_extensions()`.
 """
+import glob
+import os
+import sys
+
 from setuptools import find_packages, setup
 
 
+def _log(msg: str) -> None:
+    print(f"ama-stream build: {msg}", file=sys.stderr, flush=True)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _want_cuda(torch, cuda_home: str | None) -> tuple[bool, str]:
+    """Build the CUDA kernels? Needs nvcc and a CUDA build of torch (not a GPU); env overrides win."""
+    if _flag("AMA_SKIP_CUDA") and _flag("AMA_FORCE_CUDA"):
+        raise SystemExit("ama-stream build: AMA_SKIP_CUDA and AMA_FORCE_CUDA are both set; unset one")
+    if _flag("AMA_SKIP_CUDA"):
+        return False, "AMA_SKIP_CUDA=1"
+    if _flag("AMA_FORCE_CUDA"):
+        return True, "AMA_FORCE_CUDA=1"
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+    if not (nvcc and os.path.exists(nvcc)):
+        return False, "nvcc not found (set CUDA_HOME)"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    return True, f"nvcc at {nvcc}, torch {torch.__version__} built for CUDA {torch.version.cuda}"
+
+
 def _extensions():
-    # Filled in by the csrc build logic (see csrc/README.md); no extension until then.
-    return [], {}
+    """ama_stream._C from csrc/: CPU kernels always, CUDA kernels where nvcc and a CUDA torch exist.
+
+    Without torch at build time the package installs without _C and ama_stream.ops uses its
+    pure-PyTorch twins. A compile error fails the install, so CI catches it.
+    """
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _log("torch is not importable at build time: installing without ama_stream._C (pure-PyTorch ops)")
+        return [], {}
+    with_cuda, reason = _want_cuda(torch, cpp_extension.CUDA_HOME)
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # -g0: no debug info (Python's flags add -g); -fopenmp: ATen's parallel_for is inline OpenMP code.
+    compile_args = {"cxx": ["-O3", "-g0", "-fopenmp"]}
+    extension = cpp_extension.CppExtension
+    if with_cuda:
+        # sm_80 (A100) and sm_90 (H100/H200) machine code, plus sm_90 PTX for newer GPUs to JIT.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+        compile_args["nvcc"] = ["-O3"]
+        extension = cpp_extension.CUDAExtension
+        _log(f"building ama_stream._C with CPU and CUDA kernels ({reason}; "
+             f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+    else:
+        _log(f"building ama_stream._C with CPU kernels only ({reason})")
+    ext = extension(
+        "ama_stream._C",
+        sources,
+        extra_compile_args=compile_args,
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,  # no pybind11: the module is empty, the ops register with the dispatcher
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
 ext_modules, cmdclass = _extensions()
@@ -21,7 +81,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
-        "kafka-python[crc32c]>=2.0.2",
+        "kafka-python[crc32c]>=3.0.12,<4",  # 3.x: IO thread, async rebalance listeners
         "pydantic>=2.6",
         "pydantic-settings>=2.3",
         "pyyaml>=6.0",

@@ -22,6 +22,9 @@ from .preprocess import prepare_batch
 
 log = logging.getLogger(__name__)
 
+# Scorer precisions: None = no autocast.
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass
 class Scores:
@@ -62,19 +65,51 @@ def _bake_spectral_norm(module: torch.nn.Module) -> None:
 
 
 class Scorer:
-    """Loads a checkpoint once; scores batches of images on one device."""
+    """Loads a checkpoint once; scores batches of images on one device.
 
-    def __init__(self, checkpoint: str | Checkpoint, device: str | torch.device | None = "auto"):
+    Speed options (each measured; docs/benchmarks.md has the numbers):
+    - channels_last: NHWC activations. Default (None): on for the CPU, where it measured faster,
+      off on CUDA until measured there.
+    - precision: "float32" (default), or "bfloat16"/"float16" autocast for E, G and the critic; the
+      fused tail reads the half-precision activation and accumulates in float32. On this project's
+      CPUs (AVX2, no native bf16/fp16 math) autocast measured several times slower: meant for GPUs.
+    - compile_mode: None (eager, default) or a torch.compile mode ("default", "reduce-overhead" =
+      CUDA graphs, "max-autotune") for E, G and the critic. Shapes are static: each new batch size
+      compiles again, so use it with fixed batch sizes.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Checkpoint,
+        device: str | torch.device | None = "auto",
+        *,
+        channels_last: bool | None = None,
+        precision: str = "float32",
+        compile_mode: str | None = None,
+    ):
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {sorted(AUTOCAST_DTYPES)}, got {precision!r}")
         self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         self.device = resolve_device(device)
+        self.channels_last = self.device.type == "cpu" if channels_last is None else bool(channels_last)
+        self.precision = precision
+        self.compile_mode = compile_mode
+        self._memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         model = self.checkpoint.build_model("cpu")
         with torch.no_grad():
             _bake_spectral_norm(model)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device, memory_format=self._memory_format).eval()
         self.spec = self.checkpoint.preprocess
         self.mirrored = self.checkpoint.model.mirrored
         self.mu = self.checkpoint.mu
         self.sigma = self.checkpoint.sigma
+        self._critic_map = self._critic_map_eager
+        if compile_mode is not None:
+            self._critic_map = torch.compile(self._critic_map_eager, mode=compile_mode, dynamic=False, fullgraph=True)
+        log.debug(
+            "scorer on %s: channels_last=%s precision=%s compile_mode=%s ops backend=%s",
+            self.device, self.channels_last, precision, compile_mode, ops.backend(self.device),
+        )
 
     @property
     def model_id(self) -> str:
@@ -84,12 +119,17 @@ class Scorer:
         """Decoded uint8 images (HxW or HxWxC, any size) -> CPU model input [B, C, S, S]."""
         return prepare_batch(images, self.spec)
 
+    def _critic_map_eager(self, x: torch.Tensor) -> torch.Tensor:
+        x_hat = self.model.generator(self.model.encoder(x))
+        return self.model.discriminator.feature_map(stacked_pairs(x, x_hat, self.mirrored))
+
     @torch.inference_mode()
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Critic activation h [2B, W, 8, 8] for the stacked pairs (x, x) and (x, G(E(x)))."""
-        x = x.to(self.device, non_blocking=True)
-        x_hat = self.model.generator(self.model.encoder(x))
-        return self.model.discriminator.feature_map(stacked_pairs(x, x_hat, self.mirrored))
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self._memory_format)
+        dtype = AUTOCAST_DTYPES[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            return self._critic_map(x)
 
     @torch.inference_mode()
     def score_tensor(self, x: torch.Tensor, mu: float | None = None, sigma: float | None = None) -> Scores:

@@ -1,19 +1,73 @@
-"""Python face of the csrc ops. Uses ama_stream._C when it loaded, the pure-PyTorch twins otherwise."""
+"""Python face of the csrc ops (`ama_stream._C`, registered as torch.ops.ama.*).
+
+Each public op runs the compiled kernel when ama_stream._C has one for the input's device type,
+and its pure-PyTorch twin (ops/reference.py) otherwise; `backend()` says which. The compiled
+kernels are inference kernels: when autograd is recording through `h`, pair_rscore runs the
+(differentiable) twin. mu and sigma are Python floats (the schema's `float`): a calibration is a
+host-side pair of numbers, and a device tensor would cost a synchronisation per call; one-element
+tensors on the CPU or on h's device are accepted and read with .item().
+"""
 from __future__ import annotations
 
+import logging
+
+import torch
+
+from . import _compiled
+from .checks import check_pair_rscore_args, check_shell_sample_args, resolve_sample_device
 from .reference import pair_rscore_reference, shell_sample_reference
 
-
-def backend() -> str:
-    return "reference"
+log = logging.getLogger(__name__)
 
 
-def pair_rscore(h, mu, sigma):
-    return pair_rscore_reference(h, float(mu), float(sigma))
+def backend(device: str | torch.device | None = None) -> str:
+    """'compiled' when ama_stream._C loaded (and, given a device, has kernels for its type), else 'reference'."""
+    if device is None:
+        return "compiled" if _compiled.DEVICES else "reference"
+    return "compiled" if torch.device(device).type in _compiled.DEVICES else "reference"
 
 
-def shell_sample(n, d, r_inner, r_outer, generator=None, device="cpu"):
-    return shell_sample_reference(n, d, r_inner, r_outer, generator=generator, device=device)
+def pair_rscore(h: torch.Tensor, mu, sigma, *, return_features: bool = False):
+    """h [2B, C, H, W] float32/float16/bfloat16 (first B rows (x, x), last B rows (x, x_hat)) ->
+    (R, z, log A), each [B] float32, plus the pooled features f [2B, C] float32 with `return_features`.
 
+    R = ||f(x, x) - f(x, x_hat)||_1, f = sum_hw ReLU(h); z = (R - mu) / sigma; log A is the log
+    Gaussian density of R (paper eq. 5, 6). Contiguous and channels_last inputs are read in place.
+    """
+    mu, sigma = check_pair_rscore_args(h, mu, sigma)
+    grad = h.requires_grad and torch.is_grad_enabled()
+    if h.device.type not in _compiled.DEVICES or grad:
+        return pair_rscore_reference(h, mu, sigma, return_features=return_features)
+    if return_features:
+        return torch.ops.ama.pair_rscore_features(h, mu, sigma)
+    return torch.ops.ama.pair_rscore(h, mu, sigma)
+
+
+def shell_sample(
+    n: int,
+    d: int,
+    r_inner: float,
+    r_outer: float,
+    generator: torch.Generator | None = None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """n points uniform over the volume between the spheres of radii r_inner <= r_outer in R^d, [n, d] float32.
+
+    The output lives on `device`, else on the generator's device, else on the CPU (a generator and
+    a device that disagree are an error). Draws come from `generator`, else from that device's
+    default generator (seeded by torch.manual_seed): the same seed gives the same samples. The
+    compiled kernels and the twin are statistically equivalent, not bit-identical.
+    """
+    n, d, r_inner, r_outer = check_shell_sample_args(n, d, r_inner, r_outer)
+    target = resolve_sample_device(generator, device)
+    if target.type not in _compiled.DEVICES:
+        return shell_sample_reference(n, d, r_inner, r_outer, generator=generator, device=target)
+    return torch.ops.ama.shell_sample(n, d, r_inner, r_outer, generator=generator, device=target)
+
+
+if _compiled.LOAD_ERROR is None:
+    log.info("backend: compiled (ama_stream._C, kernels for %s)", ", ".join(sorted(_compiled.DEVICES)))
+else:
+    log.info("backend: reference (pure PyTorch; ama_stream._C not loaded: %s)", _compiled.LOAD_ERROR)
 
 __all__ = ["backend", "pair_rscore", "shell_sample", "pair_rscore_reference", "shell_sample_reference"]

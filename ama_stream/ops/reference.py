@@ -1,38 +1,55 @@
-"""Pure-PyTorch twins of the compiled ops: the fallback path and the test oracle."""
+"""Pure-PyTorch twins of the compiled ops: the fallback where ama_stream._C has no kernel, and the
+test oracle. Same signatures, same checks and error messages as the compiled path."""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from .checks import check_pair_rscore_args, check_shell_sample_args, resolve_sample_device
+
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def pair_rscore_reference(h: torch.Tensor, mu: float, sigma: float):
-    """h [2B, C, H, W] (first B = (x, x), last B = (x, x_hat)) -> R, z, log_a, each [B] float32."""
+def pair_rscore_reference(h: torch.Tensor, mu, sigma, *, return_features: bool = False):
+    """R-score tail of the mirrored critic (paper eq. 5 and 6).
+
+    h [2B, C, H, W] (first B rows (x, x), last B rows (x, x_hat)), any floating layout ->
+    R = ||f(x, x) - f(x, x_hat)||_1 with f = sum_hw ReLU(h), z = (R - mu) / sigma and
+    log A = -z^2 / 2 - log sigma - log sqrt(2 pi), each [B] float32; with `return_features`
+    also f [2B, C] float32. Differentiable with respect to h.
+    """
+    mu, sigma = check_pair_rscore_args(h, mu, sigma)
     f = torch.relu(h.float()).sum(dim=(2, 3))
     b = f.shape[0] // 2
     r = (f[:b] - f[b:]).abs().sum(dim=1)
     z = (r - mu) / sigma
-    log_a = -0.5 * z * z - math.log(sigma) - LOG_SQRT_2PI
-    return r, z, log_a
+    log_a = -0.5 * z * z - (math.log(sigma) + LOG_SQRT_2PI)
+    return (r, z, log_a, f) if return_features else (r, z, log_a)
 
 
-def shell_sample_reference(n: int, d: int, r_inner: float, r_outer: float, generator=None, device="cpu"):
-    """n points uniform over the volume between spheres of radii r_inner <= r_outer in R^d.
+def shell_sample_reference(
+    n: int,
+    d: int,
+    r_inner: float,
+    r_outer: float,
+    generator: torch.Generator | None = None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """n points uniform over the volume between spheres of radii r_inner <= r_outer in R^d, [n, d] float32.
 
-    r^d is uniform on [r_in^d, r_out^d]; computed in log space so large d neither overflows nor underflows.
+    Direction: a normalised Gaussian. Radius: r^d uniform on [r_in^d, r_out^d], i.e.
+    r = r_out * (q + u (1 - q))^(1/d) with q = (r_in / r_out)^d and u ~ U(0, 1], evaluated in log
+    space so that d = 512 neither overflows nor underflows. Output device: `device`, else the
+    generator's, else the CPU; draws from `generator` or that device's default generator.
     """
-    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    n, d, r_inner, r_outer = check_shell_sample_args(n, d, r_inner, r_outer)
+    device = resolve_sample_device(generator, device)
     direction = torch.randn(n, d, generator=generator, device=device)
     direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    if r_outer <= 0:
-        return torch.zeros(n, d, device=device)
-    if r_inner <= 0:
-        log_r = math.log(r_outer) + torch.log(u) / d
-    else:
-        # r^d = r_in^d + u (r_out^d - r_in^d) = r_out^d (q + u (1 - q)), q = (r_in / r_out)^d
-        log_q = d * (math.log(r_inner) - math.log(r_outer))
-        q = math.exp(log_q)  # underflows harmlessly to 0 for large d
-        log_r = math.log(r_outer) + torch.log(q + u * (1.0 - q)) / d
-    return direction * torch.exp(log_r).float().unsqueeze(1)
+    if r_outer == 0:
+        return direction * 0.0
+    u = 1.0 - torch.rand(n, generator=generator, device=device, dtype=torch.float64)  # (0, 1]: finite log
+    q = math.exp(d * (math.log(r_inner) - math.log(r_outer))) if r_inner > 0 else 0.0  # underflows to 0 harmlessly
+    radius = torch.exp(math.log(r_outer) + torch.log(q + u * (1.0 - q)) / d).clamp(r_inner, r_outer)
+    return direction * radius.float().unsqueeze(1)

@@ -1,0 +1,55 @@
+"""Loads ama_stream._C (the csrc kernels) and registers the fake kernels torch.compile needs.
+
+DEVICES is the set of device types with compiled kernels (empty when _C did not load); LOAD_ERROR
+says why it did not load.
+"""
+from __future__ import annotations
+
+import torch
+
+OPS = ("pair_rscore", "pair_rscore_features", "shell_sample")
+
+
+def _load() -> tuple[frozenset[str], str | None]:
+    try:
+        import ama_stream._C  # noqa: F401  (importing it runs the TORCH_LIBRARY registrations)
+    except ImportError as exc:  # not built (CPU-only install without a compiler) or not loadable
+        return frozenset(), f"{type(exc).__name__}: {exc}"
+    devices = {
+        dev
+        for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"ama::{op}", key) for op in OPS)
+    }
+    return frozenset(devices), None
+
+
+DEVICES, LOAD_ERROR = _load()
+
+
+def _register_fakes() -> None:
+    """Shape-only kernels: output shapes and dtypes from the input's metadata, no data touched."""
+
+    def pair_outputs(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        torch._check(h.dim() == 4, lambda: f"pair_rscore: h must be 4-D [2B, C, H, W], got {h.dim()}-D")
+        torch._check(h.shape[0] % 2 == 0, lambda: f"pair_rscore: h's first dimension must be even, got {h.shape[0]}")
+        b = h.shape[0] // 2
+        return tuple(h.new_empty((b,), dtype=torch.float32) for _ in range(3))
+
+    @torch.library.register_fake("ama::pair_rscore")
+    def _pair_rscore_fake(h, mu, sigma):
+        return pair_outputs(h)
+
+    @torch.library.register_fake("ama::pair_rscore_features")
+    def _pair_rscore_features_fake(h, mu, sigma):
+        features = h.new_empty((h.shape[0], h.shape[1]), dtype=torch.float32)
+        return (*pair_outputs(h), features)
+
+    @torch.library.register_fake("ama::shell_sample")
+    def _shell_sample_fake(n, d, r_inner, r_outer, *, generator=None, device=None):
+        if device is None:
+            device = generator.device if generator is not None else torch.device("cpu")
+        return torch.empty((n, d), dtype=torch.float32, device=device)
+
+
+if LOAD_ERROR is None:
+    _register_fakes()

@@ -1,0 +1,66 @@
+// The arithmetic both backends share, host and device alike. Light on purpose: the CUDA kernel
+// files include it, and every header they include is parsed again for each GPU architecture.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace ama {
+
+// log(sqrt(2 pi)): the Gaussian log-density's normalising constant.
+constexpr double kLogSqrt2Pi = 0.91893853320467274178;
+
+// z and log A of an R-score under N(mu, sigma), in float32 like the pure-PyTorch twin.
+struct Gaussian {
+  float mu;
+  float inv_sigma;
+  float log_norm;  // log(sigma) + log(sqrt(2 pi))
+
+  Gaussian(double mu_, double sigma_)
+      : mu(static_cast<float>(mu_)),
+        inv_sigma(static_cast<float>(1.0 / sigma_)),
+        log_norm(static_cast<float>(std::log(sigma_) + kLogSqrt2Pi)) {}
+
+  C10_HOST_DEVICE inline void write(float r, float* r_out, float* z_out, float* log_a_out) const {
+    const float z = (r - mu) * inv_sigma;
+    *r_out = r;
+    *z_out = z;
+    *log_a_out = -0.5f * z * z - log_norm;
+  }
+};
+
+// ReLU that keeps NaN (as torch.relu does), so a broken activation shows up in the score.
+template <typename T>
+C10_HOST_DEVICE inline T relu_keep_nan(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// Radius of a point uniform over the shell r_inner <= r <= r_outer in R^d, from u in (0, 1]:
+// r^d = r_in^d + u (r_out^d - r_in^d), i.e. r = r_out * (q + u (1 - q))^(1/d) with q = (r_in / r_out)^d,
+// evaluated in log space so that d = 512 neither overflows nor underflows (q underflows to 0 harmlessly).
+struct ShellRadius {
+  double log_r_outer;
+  double q;
+  double inv_d;
+  double r_inner;
+  double r_outer;
+
+  ShellRadius(int64_t d, double r_inner_, double r_outer_)
+      : log_r_outer(r_outer_ > 0 ? std::log(r_outer_) : 0.0),
+        q(r_inner_ > 0 ? std::exp(static_cast<double>(d) * (std::log(r_inner_) - std::log(r_outer_))) : 0.0),
+        inv_d(1.0 / static_cast<double>(d)),
+        r_inner(r_inner_),
+        r_outer(r_outer_) {}
+
+  C10_HOST_DEVICE inline double operator()(double u) const {
+    if (r_outer <= 0) {
+      return 0.0;
+    }
+    const double r = ::exp(log_r_outer + ::log(q + u * (1.0 - q)) * inv_d);
+    return r < r_inner ? r_inner : (r > r_outer ? r_outer : r);  // rounding must not leave the shell
+  }
+};
+
+}  // namespace ama
