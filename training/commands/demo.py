@@ -31,8 +31,8 @@ CAMERAS = ("line1-cam0", "line1-cam1", "line2-cam0", "line2-cam1")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frames", type=int, default=3000, help="frames to stream (default 3000)")
-    p.add_argument("--rate", type=float, default=250.0, help="frames per second from the cameras (default 250)")
+    p.add_argument("--frames", type=int, default=2000, help="frames to stream (default 2000)")
+    p.add_argument("--rate", type=float, default=100.0, help="frames per second from the cameras (default 100)")
     p.add_argument("--anomaly-fraction", type=float, default=0.1, help="share of injected anomalies (default 0.1)")
     p.add_argument("--steps", type=int, default=150, help="training steps of the demo model (default 150)")
     p.add_argument("--synthetic", action="store_true", help="use generated images even when real datasets exist")
@@ -174,7 +174,10 @@ def collect_scores(bootstrap: str, topic: str, out: ScoreLog, stop: threading.Ev
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    from ama_stream.agent.broker import EMBEDDED_CONSUMER
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             fetch_max_wait_ms=EMBEDDED_CONSUMER["fetch_max_wait_ms"])
     try:
         consumer.assign([TopicPartition(topic, 0)])
         consumer.seek_to_beginning()

@@ -1,0 +1,173 @@
+"""Building kafka-python clients from the settings, waiting for the broker with backoff.
+
+kafka-python resolves the broker version while constructing a client; when the broker is
+down the constructor raises after `bootstrap_timeout_ms` and leaves the client's network
+thread running. `build_client` closes that half-built client (through kafka-python's public
+`kafka_client` factory option) so a long outage with retries does not leak threads.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Any, Callable, TypeVar
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.net.compat import KafkaNetClient
+
+from .settings import AgentSettings, KafkaSection, RetrySection
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Backoff:
+    """initial, 2x initial, ... up to max, with +-10% jitter so agents do not retry in lockstep."""
+
+    def __init__(self, initial_s: float, max_s: float):
+        self.initial_s, self.max_s = initial_s, max(max_s, initial_s)
+        self._next = initial_s
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self.max_s)
+        return delay * random.uniform(0.9, 1.1)
+
+    def reset(self) -> None:
+        self._next = self.initial_s
+
+
+def describe(exc: BaseException) -> str:
+    """'Type: message' without kafka-python's habit of repeating the type inside the message."""
+    text = str(exc)
+    name = type(exc).__name__
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
+
+
+def build_client(cls: type[T], **config: Any) -> T:
+    """cls(**config); if that fails, the network client it created is closed before re-raising."""
+    created: list[KafkaNetClient] = []
+
+    def client_factory(**kwargs: Any) -> KafkaNetClient:
+        client = KafkaNetClient(**kwargs)
+        created.append(client)
+        return client
+
+    try:
+        return cls(kafka_client=client_factory, **config)
+    except BaseException:
+        for client in created:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - cleanup after a failure already being raised
+                log.debug("closing a half-built kafka client failed", exc_info=True)
+        raise
+
+
+def connect_with_retry(
+    make: Callable[[], T],
+    what: str,
+    kafka: KafkaSection,
+    retry: RetrySection,
+    stop: threading.Event,
+    on_failure: Callable[[str], None] = lambda reason: None,
+) -> T | None:
+    """make() until it succeeds or `stop` is set (then None); one warning line per attempt."""
+    backoff = Backoff(retry.initial_s, retry.max_s)
+    attempt = 0
+    while not stop.is_set():
+        attempt += 1
+        try:
+            client = make()
+        except KafkaError as exc:
+            delay = backoff.next()
+            reason = describe(exc)
+            log.warning("%s: broker %s not reachable (attempt %d, %s); retrying in %.1f s",
+                        what, kafka.bootstrap_servers, attempt, reason, delay)
+            on_failure(reason)
+            stop.wait(delay)
+            continue
+        if attempt > 1:
+            log.info("%s: connected to %s after %d attempts", what, kafka.bootstrap_servers, attempt)
+        return client
+    return None
+
+
+def consumer_config(settings: AgentSettings) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"auto_offset_reset": "earliest", **settings.consumer}
+    cfg.update(settings.kafka.client_config())
+    cfg.update(
+        group_id=settings.group_id,
+        enable_auto_commit=False,  # offsets are committed only after the records are acknowledged
+        max_poll_records=settings.batching.max_batch,
+    )
+    cfg.setdefault("bootstrap_timeout_ms", int(settings.retry.connect_timeout_s * 1000))
+    return cfg
+
+
+def producer_config(kafka: KafkaSection, producer: dict[str, Any], connect_timeout_s: float) -> dict[str, Any]:
+    # max_block_ms bounds how long send() waits for metadata while the broker is away (default 60 s).
+    cfg: dict[str, Any] = {"max_block_ms": 10_000, **producer}
+    cfg.update(kafka.client_config())
+    cfg["acks"] = "all"
+    cfg.setdefault("bootstrap_timeout_ms", int(connect_timeout_s * 1000))
+    return cfg
+
+
+def make_consumer(settings: AgentSettings) -> KafkaConsumer:
+    return build_client(KafkaConsumer, **consumer_config(settings))
+
+
+def make_producer(kafka: KafkaSection, producer: dict[str, Any], connect_timeout_s: float) -> KafkaProducer:
+    return build_client(KafkaProducer, **producer_config(kafka, producer, connect_timeout_s))
+
+
+class RepeatFilter(logging.Filter):
+    """Lets one kafka-python record per (logger, level, message template) through per `interval_s`.
+
+    kafka-python logs every failed reconnect at ERROR; during an outage the agent's own
+    retry lines say what is going on, and this keeps kafka-python's detail without the flood.
+    Records of other loggers pass untouched.
+    """
+
+    def __init__(self, interval_s: float = 30.0, prefix: str = "kafka"):
+        super().__init__()
+        self.interval_s, self.prefix = interval_s, prefix
+        self._last: dict[tuple[str, int, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = time.monotonic()
+        if now - self._last.get(key, -1e18) < self.interval_s:
+            return False
+        self._last[key] = now
+        return True
+
+
+def quiet_kafka_logs(interval_s: float = 30.0) -> None:
+    """Installs RepeatFilter on the root handlers, which kafka-python's records reach (idempotent)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RepeatFilter) for f in handler.filters):
+            handler.addFilter(RepeatFilter(interval_s))
+
+
+def ensure_topics(kafka: KafkaSection, partitions: dict[str, int], replication: int = 1) -> list[str]:
+    """Creates the topics that do not exist yet (name -> partition count); returns the ones created."""
+    admin = build_client(KafkaAdminClient, **kafka.client_config())
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(name, count, replication) for name, count in partitions.items() if name not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass  # created meanwhile by someone else (or auto-created): fine
+        return [t.name for t in new]
+    finally:
+        admin.close()

@@ -1,0 +1,119 @@
+"""Prometheus metrics of the agent and the one small HTTP server for /metrics, /healthz, /readyz."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class AgentMetrics:
+    """One registry per agent, so several agents (tests) in one process do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.frames = Counter("ama_frames_scored", "Frames scored and published", registry=r)
+        self.alerts = Counter("ama_alerts", "Frames judged anomalous (alerts published)", registry=r)
+        self.dead_lettered = Counter(
+            "ama_frames_dead_lettered", "Frames sent to the dead-letter topic", ["reason"], registry=r
+        )
+        self.batch_size = Histogram("ama_batch_size", "Frames per scored micro-batch", buckets=_BATCH_BUCKETS, registry=r)
+        self.decode_seconds = Histogram(
+            "ama_decode_seconds", "Decode + preprocess time per batch", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.score_seconds = Histogram("ama_score_seconds", "Scoring time per batch", buckets=_LATENCY_BUCKETS, registry=r)
+        self.publish_seconds = Histogram(
+            "ama_publish_seconds", "From handing a batch's records to the producer until they are acknowledged and committed", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.end_to_end_seconds = Histogram(
+            "ama_end_to_end_seconds",
+            "From a frame's captured-at header to its records being acknowledged",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.consumer_lag = Gauge("ama_consumer_lag", "Frames not yet committed, per assigned partition",
+                                  ["topic", "partition"], registry=r)
+        self.broker_errors = Counter("ama_broker_errors", "Failed broker operations (connect, publish, commit)",
+                                     ["operation"], registry=r)
+        self.ready = Gauge("ama_ready", "1 when the agent is connected and scoring", registry=r)
+
+
+class Health:
+    """Liveness (the run loop keeps turning) and readiness (model loaded, broker reachable)."""
+
+    def __init__(self, stall_s: float):
+        self.stall_s = stall_s
+        self._beat = time.monotonic()
+        self._ready = False
+        self._reason = "starting"
+        self._lock = threading.Lock()
+
+    def beat(self) -> None:
+        self._beat = time.monotonic()
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        with self._lock:
+            self._ready, self._reason = ready, ("ok" if ready else reason or "not ready")
+
+    def readiness(self) -> tuple[bool, str]:
+        with self._lock:
+            return self._ready, self._reason
+
+    def liveness(self) -> tuple[bool, str]:
+        idle = time.monotonic() - self._beat
+        if idle > self.stall_s:
+            return False, f"run loop stalled for {idle:.0f} s"
+        return True, "ok"
+
+
+class HealthServer:
+    """/metrics (Prometheus text), /healthz, /readyz on one port, served from a daemon thread."""
+
+    def __init__(self, host: str, port: int, metrics: AgentMetrics, health: Health):
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path in ("/healthz", "/readyz"):
+                    ok, reason = health.liveness() if path == "/healthz" else health.readiness()
+                    self._reply(200 if ok else 503, (reason + "\n").encode(), "text/plain; charset=utf-8")
+                else:
+                    self._reply(404, b"not found\n", "text/plain; charset=utf-8")
+
+            def _reply(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # scrapes are not worth a log line each
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="ama-health", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> "HealthServer":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

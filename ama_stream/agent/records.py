@@ -1,0 +1,138 @@
+"""What the agent reads from a frame's envelope and what it writes: score records and dead letters.
+
+The formats are documented for users in docs/wire-format.md; change them only together with
+SCORE_SCHEMA.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+SCORE_SCHEMA = "ama-stream/score/v1"
+
+Headers = Sequence[tuple[str, bytes | None]]
+
+
+def header_value(headers: Headers | None, name: str) -> bytes | None:
+    """The first header called `name` (names compare case-insensitively), or None."""
+    for key, value in headers or ():
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _text(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    text = value.decode("utf-8", "replace").strip()
+    return text or None
+
+
+def _epoch_ms(value: bytes | None) -> int | None:
+    text = _text(value)
+    if text is None:
+        return None
+    try:
+        ms = int(text)
+    except ValueError:
+        return None  # a malformed timestamp only costs the latency metric, not the frame
+    return ms if ms >= 0 else None
+
+
+@dataclass(frozen=True)
+class FrameMeta:
+    """Where a frame came from and what its headers say; everything but the pixels."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+    frame_id: str
+    camera_id: str | None
+    captured_at: int | None  # ms since the epoch
+    content_type: bytes | None
+
+    @classmethod
+    def from_record(cls, record) -> "FrameMeta":
+        """From a kafka-python ConsumerRecord (value left out)."""
+        headers = tuple(record.headers or ())
+        camera_id = _text(header_value(headers, "camera-id")) or _text(record.key)
+        frame_id = _text(header_value(headers, "frame-id")) or f"{record.topic}:{record.partition}:{record.offset}"
+        return cls(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            headers=headers,
+            frame_id=frame_id,
+            camera_id=camera_id,
+            captured_at=_epoch_ms(header_value(headers, "captured-at")),
+            content_type=header_value(headers, "content-type"),
+        )
+
+    @property
+    def out_key(self) -> bytes | None:
+        """Output records are keyed by camera id, so one camera's records stay in order."""
+        return self.camera_id.encode() if self.camera_id is not None else self.key
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def score_record(
+    meta: FrameMeta,
+    *,
+    r_score: float,
+    z: float,
+    log_a: float,
+    p_value: float,
+    anomaly: bool,
+    threshold: float,
+    model_id: str,
+    calibration_id: str,
+    scored_at: int,
+) -> dict[str, Any]:
+    return {
+        "schema": SCORE_SCHEMA,
+        "frame_id": meta.frame_id,
+        "camera_id": meta.camera_id,
+        "topic": meta.topic,
+        "partition": meta.partition,
+        "offset": meta.offset,
+        "r_score": _finite(r_score),
+        "z": _finite(z),
+        "log_a": _finite(log_a),
+        "p_value": _finite(p_value),
+        "anomaly": bool(anomaly),
+        "threshold": _finite(threshold),
+        "model_id": model_id,
+        "calibration_id": calibration_id,
+        "captured_at": meta.captured_at,
+        "scored_at": scored_at,
+    }
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
+
+
+def record_headers(meta: FrameMeta) -> list[tuple[str, bytes]]:
+    headers = [("content-type", b"application/json"), ("frame-id", meta.frame_id.encode())]
+    if meta.camera_id is not None:
+        headers.append(("camera-id", meta.camera_id.encode()))
+    return headers
+
+
+def dead_letter_headers(meta: FrameMeta, error: str) -> list[tuple[str, bytes | None]]:
+    """The frame's own headers, then `error` and where the frame was read from."""
+    return [
+        *meta.headers,
+        ("error", error.encode("utf-8", "replace")),
+        ("source-topic", meta.topic.encode()),
+        ("source-partition", str(meta.partition).encode()),
+        ("source-offset", str(meta.offset).encode()),
+    ]

@@ -1,0 +1,194 @@
+"""Settings of the Kafka agent (`serve`) and of `produce`: YAML file < AMA_* environment < flags.
+
+Every key is documented in configs/agent.yaml. Kafka client tuning that the agent does not
+manage itself passes through `consumer:` / `producer:` to kafka-python unchanged; keys the agent
+owns (offsets, serialisation, acknowledgements, credentials) are refused there so the delivery
+rule (acks=all, commit only after the records are acknowledged) cannot be switched off by accident.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from kafka import KafkaConsumer, KafkaProducer
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from ama_stream.settings import AmaSettings, Section
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"]
+
+# Keys set from other settings or fixed by the delivery rule; never taken from the pass-through maps.
+_MANAGED_COMMON = {
+    "bootstrap_servers", "client_id", "security_protocol", "sasl_mechanism", "sasl_plain_username",
+    "sasl_plain_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_check_hostname",
+    "kafka_client",
+}
+_MANAGED_CONSUMER = _MANAGED_COMMON | {
+    "group_id", "enable_auto_commit", "key_deserializer", "value_deserializer", "max_poll_records",
+}
+_MANAGED_PRODUCER = _MANAGED_COMMON | {"acks", "key_serializer", "value_serializer", "transactional_id"}
+
+
+def _check_pass_through(section: str, values: dict[str, Any], known: dict, managed: set[str]) -> dict[str, Any]:
+    for key in values:
+        if key in managed:
+            raise ValueError(f"{section}.{key} is managed by the agent and cannot be set here")
+        if key not in known:
+            raise ValueError(f"{section}.{key} is not a kafka-python {section} setting")
+    return values
+
+
+class KafkaSection(Section):
+    """Connection and security, shared by the consumer and the producer."""
+
+    bootstrap_servers: str = "localhost:9092"  # comma-separated HOST:PORT list
+    client_id: str = "ama-stream"
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, v: str) -> str:
+        servers = [s.strip() for s in v.split(",") if s.strip()]
+        if not servers or any(":" not in s for s in servers):
+            raise ValueError("expected a comma-separated list of HOST:PORT")
+        return ",".join(servers)
+
+    @model_validator(mode="after")
+    def _sasl_complete(self):
+        if self.security_protocol.startswith("SASL"):
+            if self.sasl_mechanism is None:
+                raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
+            if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and not (
+                self.sasl_plain_username and self.sasl_plain_password
+            ):
+                raise ValueError(f"sasl_mechanism {self.sasl_mechanism} needs sasl_plain_username and sasl_plain_password")
+        return self
+
+    def client_config(self) -> dict[str, Any]:
+        """kafka-python keyword arguments for connection and security."""
+        cfg: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol.startswith("SASL"):
+            cfg["sasl_mechanism"] = self.sasl_mechanism
+            if self.sasl_plain_username is not None:
+                cfg["sasl_plain_username"] = self.sasl_plain_username
+            if self.sasl_plain_password is not None:
+                cfg["sasl_plain_password"] = self.sasl_plain_password.get_secret_value()
+        if self.security_protocol.endswith("SSL"):
+            for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, key) is not None:
+                    cfg[key] = str(getattr(self, key))
+            if self.ssl_password is not None:
+                cfg["ssl_password"] = self.ssl_password.get_secret_value()
+            cfg["ssl_check_hostname"] = self.ssl_check_hostname
+        return cfg
+
+
+class TopicsSection(Section):
+    frames: str = "frames"
+    scores: str | None = "scores"  # one record per frame; null disables
+    alerts: str = "alerts"  # the score record of anomalous frames only
+    dead_letter: str = "frames-dlq"
+
+    @field_validator("frames", "alerts", "dead_letter", "scores")
+    @classmethod
+    def _topic_name(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if len(v) > 249 or not all(c.isalnum() or c in "._-" for c in v):
+            raise ValueError("a topic name uses only letters, digits, '.', '_' and '-' (at most 249)")
+        return v
+
+    @model_validator(mode="after")
+    def _required(self):
+        for name in ("frames", "alerts", "dead_letter"):
+            if getattr(self, name) is None:
+                raise ValueError(f"topics.{name} must be set")
+        if self.frames in {self.scores, self.alerts, self.dead_letter}:
+            raise ValueError("the frames topic cannot also be an output topic")
+        return self
+
+
+class BatchingSection(Section):
+    max_batch: int = Field(64, ge=1, le=65536)  # frames per micro-batch
+    max_wait_ms: int = Field(20, ge=0)  # close a partial batch this long after its first frame
+    decode_ahead: int = Field(2, ge=1, le=16)  # batches decoded while one is scored
+
+
+class LimitsSection(Section):
+    max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(4096 * 4096, ge=1)  # width x height, checked from the header before decoding
+
+
+class MetricsSection(Section):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(9400, ge=0, le=65535)  # 0: any free port (logged at start-up)
+    stall_s: float = Field(60.0, gt=0)  # /healthz fails when the run loop made no progress for this long
+
+
+class RetrySection(Section):
+    """Backoff while the broker is unreachable: initial_s doubling up to max_s."""
+
+    initial_s: float = Field(0.5, gt=0)
+    max_s: float = Field(30.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)  # one connection attempt at start-up
+    lag_every_s: float = Field(5.0, gt=0)  # consumer lag / broker liveness probe interval
+
+
+class AgentSettings(AmaSettings):
+    kafka: KafkaSection = KafkaSection()
+    topics: TopicsSection = TopicsSection()
+    group_id: str = Field("ama-stream", min_length=1)
+    batching: BatchingSection = BatchingSection()
+    limits: LimitsSection = LimitsSection()
+    metrics: MetricsSection = MetricsSection()
+    retry: RetrySection = RetrySection()
+    device: str = "auto"
+    # CPU threads for the model; null = auto: on the CPU all cores but one (decoding and Kafka I/O
+    # run beside the model, and a thread team that has to wait for a preempted member stalls)
+    torch_threads: int | None = Field(None, ge=1)
+    checkpoint: Path | None = None
+    calibration: Path | None = None
+    max_frames: int | None = Field(None, ge=1)  # stop after this many frames were handled
+    idle_exit_s: float | None = Field(None, gt=0)  # stop after this long without a frame
+    consumer: dict[str, Any] = {}  # passed to kafka-python's KafkaConsumer
+    producer: dict[str, Any] = {}  # passed to kafka-python's KafkaProducer
+
+    @field_validator("consumer")
+    @classmethod
+    def _consumer_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_pass_through("consumer", v, KafkaConsumer.DEFAULT_CONFIG, _MANAGED_CONSUMER)
+
+    @field_validator("producer")
+    @classmethod
+    def _producer_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_pass_through("producer", v, KafkaProducer.DEFAULT_CONFIG, _MANAGED_PRODUCER)
+
+    def for_log(self) -> dict[str, Any]:
+        """Plain data for the start-up log line (SecretStr values come out as '**********')."""
+        return self.model_dump(mode="json")
+
+
+class ProduceSettings(AmaSettings):
+    """What `produce` reads from the environment / a config: connection, security, producer tuning."""
+
+    kafka: KafkaSection = KafkaSection()
+    producer: dict[str, Any] = {}
+
+    @field_validator("producer")
+    @classmethod
+    def _producer_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_pass_through("producer", v, KafkaProducer.DEFAULT_CONFIG, _MANAGED_PRODUCER)

@@ -1,0 +1,73 @@
+"""`ama-stream serve`: the long-running Kafka scoring agent (flags are a contract, DESIGN.md section 5)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+from ama_stream.settings import load_settings, parse_overrides, set_dotted
+
+log = logging.getLogger("ama_stream.serve")
+
+# flag dest -> dotted settings key
+_FLAGS = {
+    "bootstrap": "kafka.bootstrap_servers",
+    "checkpoint": "checkpoint",
+    "calibration": "calibration",
+    "frames_topic": "topics.frames",
+    "scores_topic": "topics.scores",
+    "alerts_topic": "topics.alerts",
+    "dlq_topic": "topics.dead_letter",
+    "group_id": "group_id",
+    "device": "device",
+    "max_batch": "batching.max_batch",
+    "max_wait_ms": "batching.max_wait_ms",
+    "metrics_port": "metrics.port",
+    "max_frames": "max_frames",
+    "idle_exit_s": "idle_exit_s",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="agent YAML (see configs/agent.yaml); env AMA_* and flags win")
+    parser.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka bootstrap servers, comma-separated")
+    parser.add_argument("--checkpoint", metavar="FILE", help="model checkpoint to score with")
+    parser.add_argument("--calibration", metavar="FILE", help="calibration file (default: the checkpoint's statistics)")
+    parser.add_argument("--frames-topic", metavar="T", help="topic to read frames from")
+    parser.add_argument("--scores-topic", metavar="T", help="topic for one score record per frame ('' disables)")
+    parser.add_argument("--alerts-topic", metavar="T", help="topic for the records of anomalous frames")
+    parser.add_argument("--dlq-topic", metavar="T", help="dead-letter topic for frames that cannot be scored")
+    parser.add_argument("--group-id", metavar="G", help="consumer group (agents in one group share partitions)")
+    parser.add_argument("--device", metavar="D", help="auto, cpu or cuda:N")
+    parser.add_argument("--max-batch", type=int, metavar="N", help="frames per micro-batch")
+    parser.add_argument("--max-wait-ms", type=int, metavar="MS", help="longest wait to fill a micro-batch")
+    parser.add_argument("--metrics-port", type=int, metavar="P", help="port of /metrics, /healthz, /readyz (0: any)")
+    parser.add_argument("--max-frames", type=int, metavar="N", help="exit after handling N frames")
+    parser.add_argument("--idle-exit-s", type=float, metavar="S", help="exit after S seconds without a frame")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                        help="any setting by dotted key, value parsed as YAML (e.g. consumer.session_timeout_ms=6000)")
+
+
+def build_overrides(args: argparse.Namespace) -> dict:
+    overrides = parse_overrides(args.set)
+    for dest, key in _FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            set_dotted(overrides, key, value)
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from ama_stream.agent.runner import Agent  # heavy imports (torch, kafka) only when serving
+    from ama_stream.agent.settings import AgentSettings
+
+    settings = load_settings(AgentSettings, args.config, build_overrides(args))
+    agent = Agent(settings)
+
+    def on_signal(signum, _frame):
+        log.info("received %s: finishing the batches in flight, then exiting", signal.Signals(signum).name)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return agent.run()

@@ -1,0 +1,1 @@
+"""Tests of the Kafka agent, produce, the embedded broker and the demo."""
