@@ -164,3 +164,11 @@ def test_switched_off_terms_leave_the_losses():
     torch.testing.assert_close(loss_d.detach(), -(d_real - d_fake), rtol=1e-4, atol=1e-5)
     _, logs_g = objective.autoencoder_loss(model, x, None)
     assert "latent_norm" not in logs_g
+
+
+def test_each_negative_weighs_lambda_normal_samples():
+    """As in the authors' per-sample labels: the negative term's weight is l_neg * n_neg / B."""
+    objective = AMAObjective(LossSection(negatives={"weight": 5.0}), mirrored=True)
+    x = torch.zeros(20, 1, 16, 16)
+    assert objective._w_neg(x, torch.zeros(2, 8)) == pytest.approx(0.5)
+    assert objective._w_neg(x, None) == 0.0

@@ -7,6 +7,8 @@ One game value V, which the critic D maximises and the encoder/generator (E, G) 
         - l_neg  (E[D(x_n, x_n)] - E[D(x_n, G(E(x_n)))])     atypical negatives x_n = G(z_neg) (eq. 2)
 
 The negative term enters with a minus sign: E and G are pushed to reconstruct negatives badly.
+As in the authors' code, where negatives are samples of the batch labelled -l_neg, each negative
+weighs l_neg times a normal sample: the term's weight is l_neg * n_neg / B, not l_neg.
 E/G also pay l_reg * E||E(x)||_2 (normal samples only); the critic pays the gradient penalty.
 All critic evaluations of a step go through ONE forward pass over the concatenated pairs.
 """
@@ -93,7 +95,9 @@ class AMAObjective:
         self.cfg = cfg
         self.mirrored = mirrored
         self.w_inter = cfg.interpolation.weight if cfg.interpolation.enabled else 0.0
-        self.w_neg = cfg.negatives.weight
+
+    def _w_neg(self, x: torch.Tensor, z_neg: torch.Tensor | None) -> float:
+        return self.cfg.negatives.weight * z_neg.shape[0] / x.shape[0] if z_neg is not None else 0.0
 
     def _partners(self, perms: torch.Tensor) -> torch.Tensor:
         """The sources each interpolant is paired with: its own image, or all k sources."""
@@ -137,7 +141,7 @@ class AMAObjective:
                 inter_images = model.generator(mixed)
                 perms = self._partners(perms)
         scores = self._score(model, x, x_hat, inter_images, perms, x_neg, x_neg_hat, with_real=True)
-        value = game_value(scores, self.w_inter, self.w_neg)
+        value = game_value(scores, self.w_inter, self._w_neg(x, z_neg))
         loss = -value
         logs = {"wasserstein": float((scores.real.mean() - scores.recon.mean()).detach())}
         gp_cfg = self.cfg.gradient_penalty
@@ -163,7 +167,7 @@ class AMAObjective:
             inter_images = model.generator(mixed)
             perms = self._partners(perms)
         scores = self._score(model, x, x_hat, inter_images, perms, x_neg, x_neg_hat, with_real=False)
-        loss = game_value(scores, self.w_inter, self.w_neg)
+        loss = game_value(scores, self.w_inter, self._w_neg(x, z_neg))
         logs = {"d_recon": float(scores.recon.mean().detach())}
         if self.cfg.latent_reg > 0:
             reg = codes.norm(dim=1).mean()

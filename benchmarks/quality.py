@@ -1,0 +1,89 @@
+"""Run a training preset end to end (train -> fit mu/sigma -> evaluate the protocol's test set) and
+append one row per seed to docs/results.md (and benchmarks/results/quality.jsonl).
+
+    python benchmarks/quality.py --config configs/fmnist_vs_mnist_cpu.yaml --seeds 0
+    python benchmarks/quality.py --config configs/fmnist_vs_mnist_cpu.yaml --seeds 0 \
+        --label "w/o mirrored" --set model.mirrored=false
+
+Not a test: it measures. Rows record the commit, so numbers stay attributable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ama_stream.logs import configure_logging  # noqa: E402
+from ama_stream.settings import load_settings, parse_overrides  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.trainer import train  # noqa: E402
+
+RESULTS_MD = REPO / "docs" / "results.md"
+RESULTS_JSONL = REPO / "benchmarks" / "results" / "quality.jsonl"
+HEADER = (
+    "| date | commit | preset | variant | seed | steps | AUROC A | AUROC R | AUPR A | AUPR R | F1 A | FAR A | wall |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def append_row(row: dict) -> None:
+    RESULTS_JSONL.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS_JSONL.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    if not RESULTS_MD.exists() or "| date | commit |" not in RESULTS_MD.read_text():
+        with RESULTS_MD.open("a") as f:
+            f.write("\n## Runs (appended by benchmarks/quality.py)\n\n" + HEADER)
+    cells = [row["date"], row["commit"], row["preset"], row["variant"], str(row["seed"]), str(row["steps"])]
+    cells += [f"{row[k]:.3f}" for k in ("auroc_a", "auroc_r", "aupr_a", "aupr_r", "f1_a", "far_a")]
+    cells.append(f"{row['wall_s'] / 60:.1f} min")
+    with RESULTS_MD.open("a") as f:
+        f.write("| " + " | ".join(cells) + " |\n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--label", default="full", help="variant name for the table (e.g. 'w/o mirrored')")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=str(REPO / "runs" / "quality"))
+    args = p.parse_args()
+    configure_logging("INFO")
+    preset = Path(args.config).stem
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        cfg = load_settings(TrainConfig, args.config, parse_overrides(args.set + [f"seed={seed}"]))
+        out = Path(args.out) / f"{preset}-{args.label.replace(' ', '_').replace('/', '')}-seed{seed}"
+        t0 = time.monotonic()
+        ckpt = train(cfg, out_dir=out)
+        wall = time.monotonic() - t0
+        m = ckpt.metrics
+        row = {"date": date.today().isoformat(), "commit": commit(), "preset": preset, "variant": args.label,
+               "overrides": args.set, "seed": seed, "steps": m["steps"], "wall_s": round(wall, 1),
+               **{k: m[k] for k in ("auroc_a", "auroc_r", "aupr_a", "aupr_r", "f1_a", "far_a", "n_normal",
+                                    "n_anomaly")}}
+        append_row(row)
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
