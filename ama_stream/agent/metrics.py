@@ -44,6 +44,18 @@ class AgentMetrics:
         self.broker_errors = Counter("ama_broker_errors", "Failed broker operations (connect, publish, commit)",
                                      ["operation"], registry=r)
         self.ready = Gauge("ama_ready", "1 when the agent is connected and scoring", registry=r)
+        self.calibration = Gauge("ama_calibration_info", "1 for the calibration in force",
+                                 ["calibration_id", "policy"], registry=r)
+        self.calibration_reloads = Counter(
+            "ama_calibration_reloads", "New calibrations seen while running, by where they came from and the outcome",
+            ["source", "result"], registry=r,
+        )
+        self.drift = Gauge("ama_drift", "1 while a camera's scores are outside the calibration's band (recalibrate)",
+                           ["camera"], registry=r)
+        self.drift_z_mean = Gauge("ama_drift_z_mean", "Mean z of a camera's recent frames judged normal",
+                                  ["camera"], registry=r)
+        self.drift_alert_rate = Gauge("ama_drift_alert_rate", "Share of a camera's recent frames judged anomalous",
+                                      ["camera"], registry=r)
 
 
 class Health:

@@ -40,6 +40,7 @@ from kafka.structs import TopicPartition
 
 from ama_stream.calibration import Calibration
 from ama_stream.checkpoint import load_checkpoint
+from ama_stream.drift import CameraDrift, DriftBand, DriftMonitor
 from ama_stream.scoring import Scorer
 from ama_stream.settings import SettingsError, masked
 
@@ -49,6 +50,7 @@ from .metrics import AgentMetrics, Health, HealthServer
 from .offsets import OffsetBook
 from .pipeline import DecodedBatch, FrameDecoder, PolledBatch, ScoredBatch, score_batch
 from .publish import OutMessage, Publisher, PublishWorker
+from .reload import CalibrationFile, ControlTopic, Update
 from .records import dead_letter_headers, encode_record, record_headers, score_record
 from .settings import AgentSettings
 
@@ -59,14 +61,19 @@ IDLE_POLL_MS = 200  # longest poll while nothing is in flight: bounds the reacti
 GROUP_STATE_ERRORS = (RebalanceInProgressError, CommitFailedError, IllegalGenerationError, UnknownMemberIdError)
 
 
-def initial_calibration(settings: AgentSettings, scorer: Scorer) -> Calibration:
-    """The calibration the agent starts with: the checkpoint's training mu/sigma and |z| > 3."""
-    if settings.calibration is not None:
-        raise SettingsError(
-            f"calibration: {settings.calibration}: calibration files are not supported by this version yet; "
-            "leave it unset to use the checkpoint's statistics"
-        )
+def initial_calibration(calibration_file: CalibrationFile | None, scorer: Scorer) -> Calibration:
+    """The calibration file's, else the checkpoint's training mu/sigma with |z| > 3."""
+    if calibration_file is not None:
+        return calibration_file.initial
     return Calibration.from_checkpoint(scorer.checkpoint)
+
+
+def drift_monitor(settings: AgentSettings, calibration: Calibration) -> DriftMonitor | None:
+    d = settings.drift
+    if not d.enabled:
+        return None
+    band = DriftBand(d.window, d.min_frames, d.mean_tolerance, tuple(d.std_ratio), d.alert_sigmas)
+    return DriftMonitor(calibration, band, d.max_cameras)
 
 
 @dataclass
@@ -128,9 +135,15 @@ class Agent:
         self.settings = settings
         self.scorer = scorer
         _set_torch_threads(settings.torch_threads, scorer)
-        self._calibration = calibration or initial_calibration(settings, scorer)
+        # a file given in the settings is watched for new versions (hot reload between batches)
+        self.calibration_file = (CalibrationFile(settings.calibration, scorer.model_id, settings.calibration_check_s)
+                                 if settings.calibration is not None else None)
+        self._calibration = calibration or initial_calibration(self.calibration_file, scorer)
+        self.control_topic: ControlTopic | None = None
+        self.drift = drift_monitor(settings, self._calibration)
         self.decoder = FrameDecoder(scorer, FrameLimits(settings.limits.max_frame_bytes, settings.limits.max_pixels))
         self.metrics = AgentMetrics()
+        self._show_calibration()
         self.health = Health(settings.metrics.stall_s)
         self.stats = AgentStats()
         self.offsets = OffsetBook()
@@ -198,6 +211,12 @@ class Agent:
             stack.callback(decode_pool.shutdown, wait=True, cancel_futures=True)
             self._decode_pool = decode_pool
             consumer.subscribe([s.topics.frames], listener=_RebalanceListener(self))
+            if s.topics.calibration:
+                self.control_topic = connect_with_retry(lambda: ControlTopic(s, self.scorer.model_id),
+                                                        "calibration topic consumer", s.kafka, s.retry, self._stop)
+                if self.control_topic is None:
+                    return 0
+                stack.callback(self.control_topic.close)
             self._mark_ready()
             self._idle_since = time.monotonic()
             self._loop()
@@ -259,6 +278,7 @@ class Agent:
             at_limit = s.max_frames is not None and self._taken >= s.max_frames
             if self._raw and (len(self._raw) >= max_batch or now >= self._raw_since + max_wait or at_limit):
                 self._submit()
+            self._check_calibration(now)  # between batches: each batch is decided by one calibration
             while self._pending and (self._pending[0].done() or len(self._pending) >= s.batching.decode_ahead or not got):
                 self._process(self._pending.popleft().result())
             self.outbox.check()
@@ -292,7 +312,81 @@ class Agent:
         if self.outbox.gave_up:
             return
         calibration = self.calibration  # one decision rule per batch, even if swapped meanwhile
-        self.outbox.submit((batch, calibration, score_batch(self.scorer, calibration, batch)))
+        result = score_batch(self.scorer, calibration, batch)
+        self._watch_drift(calibration, result)
+        self.outbox.submit((batch, calibration, result))
+
+    # -- calibration and drift -----------------------------------------------------------------
+    def _check_calibration(self, now: float) -> None:
+        updates: list[Update] = []
+        if self.calibration_file is not None:
+            update = self.calibration_file.check(now)
+            if update is not None:
+                updates.append(update)
+        if self.control_topic is not None:
+            updates.extend(self.control_topic.check(now))
+        for update in updates:
+            self._apply(update)
+
+    def _apply(self, update: Update) -> None:
+        """Swaps in a valid new calibration; a refused one is logged and counted, the old one stays."""
+        counter = self.metrics.calibration_reloads
+        old = self.calibration
+        if update.calibration is None:
+            counter.labels(source=update.source, result="refused").inc()
+            log.error("new calibration from %s refused, keeping %s: %s", update.origin, old.calibration_id, update.error)
+            return
+        new = update.calibration
+        if new.calibration_id == old.calibration_id:
+            counter.labels(source=update.source, result="unchanged").inc()
+            log.info("calibration from %s is the one in force (%s)", update.origin, new.calibration_id)
+            return
+        try:
+            self.use_calibration(new)
+        except ValueError as exc:
+            counter.labels(source=update.source, result="refused").inc()
+            log.error("new calibration from %s refused, keeping %s: %s", update.origin, old.calibration_id, exc)
+            return
+        counter.labels(source=update.source, result="ok").inc()
+        self._show_calibration()
+        rule = new.rule()
+        log.info("calibration %s -> %s from %s: %s; global threshold %.4f (expected false-alarm rate %.3g), "
+                 "%d camera entries", old.calibration_id, new.calibration_id, update.origin, new.policy.describe(),
+                 rule.threshold, rule.expected_fpr, len(new.cameras))
+
+    def _show_calibration(self) -> None:
+        self.metrics.calibration.clear()
+        self.metrics.calibration.labels(calibration_id=self.calibration.calibration_id,
+                                        policy=self.calibration.policy.name).set(1)
+
+    def _watch_drift(self, calibration: Calibration, result: ScoredBatch) -> None:
+        """Rolling per-camera statistics of the batch's z against the calibration that decided it."""
+        if self.drift is None or not result.scored:
+            return
+        if self.drift.calibration_id != calibration.calibration_id:
+            self.drift.reset(calibration)  # a new calibration: new expectations, empty windows
+            for gauge in (self.metrics.drift, self.metrics.drift_z_mean, self.metrics.drift_alert_rate):
+                gauge.clear()
+        cameras = [f.meta.camera_id for f in result.scored]
+        for state in self.drift.observe(cameras, [f.z for f in result.scored], [f.anomaly for f in result.scored]):
+            self._report_drift(state, calibration)
+        for camera in set(cameras):
+            state = self.drift.cameras.get(camera)
+            if state is not None and state.judged:
+                label = camera or ""
+                self.metrics.drift.labels(camera=label).set(int(state.drifting))
+                self.metrics.drift_z_mean.labels(camera=label).set(state.z_mean)
+                self.metrics.drift_alert_rate.labels(camera=label).set(state.alert_rate)
+
+    @staticmethod
+    def _report_drift(state: CameraDrift, calibration: Calibration) -> None:
+        camera = state.camera if state.camera is not None else "(no camera id)"
+        if state.drifting:
+            log.warning("camera %s: scores drifted from calibration %s (%s); recalibration is due: run "
+                        "`ama-stream calibrate` on recent known-normal frames of this camera",
+                        camera, calibration.calibration_id, "; ".join(state.reasons))
+        else:
+            log.info("camera %s: scores back within the band of calibration %s", camera, calibration.calibration_id)
 
     def _publish(self, item: tuple[DecodedBatch, Calibration, ScoredBatch]) -> bool:
         """On the publish worker: send the records, wait for every ack, only then mark the frames done."""

@@ -101,8 +101,9 @@ class TopicsSection(Section):
     scores: str | None = "scores"  # one record per frame; null disables
     alerts: str = "alerts"  # the score record of anomalous frames only
     dead_letter: str = "frames-dlq"
+    calibration: str | None = None  # control topic carrying calibration JSON documents; null disables
 
-    @field_validator("frames", "alerts", "dead_letter", "scores")
+    @field_validator("frames", "alerts", "dead_letter", "scores", "calibration")
     @classmethod
     def _topic_name(cls, v: str | None) -> str | None:
         if v is None or v == "":
@@ -118,6 +119,8 @@ class TopicsSection(Section):
                 raise ValueError(f"topics.{name} must be set")
         if self.frames in {self.scores, self.alerts, self.dead_letter}:
             raise ValueError("the frames topic cannot also be an output topic")
+        if self.calibration is not None and self.calibration in {self.frames, self.scores, self.alerts, self.dead_letter}:
+            raise ValueError("the calibration control topic must be a topic of its own")
         return self
 
 
@@ -148,6 +151,27 @@ class RetrySection(Section):
     lag_every_s: float = Field(5.0, gt=0)  # consumer lag / broker liveness probe interval
 
 
+class DriftSection(Section):
+    """When a camera's live scores count as drifted from the calibration (ama_stream.drift)."""
+
+    enabled: bool = True
+    window: int = Field(1000, ge=2)  # frames per camera in the rolling statistics
+    min_frames: int = Field(200, ge=1)  # a camera is judged once its windows hold this many
+    mean_tolerance: float = Field(0.5, gt=0)  # |mean z of normal frames - expected| in z units
+    std_ratio: tuple[float, float] = (0.75, 1.33)  # allowed spread of z relative to the calibration's
+    alert_sigmas: float = Field(4.0, gt=0)  # alert-rate band: binomial sigmas above the expected rate
+    max_cameras: int = Field(1000, ge=1)  # cameras tracked (bounds the metric labels)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.min_frames > self.window:
+            raise ValueError(f"drift.min_frames ({self.min_frames}) must not exceed drift.window ({self.window})")
+        low, high = self.std_ratio
+        if not 0 < low < 1 < high:
+            raise ValueError(f"drift.std_ratio must be (low, high) with 0 < low < 1 < high, got {self.std_ratio}")
+        return self
+
+
 class AgentSettings(AmaSettings):
     kafka: KafkaSection = KafkaSection()
     topics: TopicsSection = TopicsSection()
@@ -162,6 +186,8 @@ class AgentSettings(AmaSettings):
     torch_threads: int | None = Field(None, ge=1)
     checkpoint: Path | None = None
     calibration: Path | None = None
+    calibration_check_s: float = Field(1.0, gt=0)  # how often the calibration file and control topic are checked
+    drift: DriftSection = DriftSection()
     max_frames: int | None = Field(None, ge=1)  # stop after this many frames were handled
     idle_exit_s: float | None = Field(None, gt=0)  # stop after this long without a frame
     consumer: dict[str, Any] = {}  # passed to kafka-python's KafkaConsumer

@@ -147,7 +147,7 @@ def test_agent_yaml_documents_every_setting_with_its_default():
         for name in type(model).model_fields:
             value = getattr(model, name)
             out.add(name)
-            if hasattr(value, "model_fields"):
+            if hasattr(type(value), "model_fields"):
                 out |= {f"{name}.{k}" for k in keys(value)}
         return out
 

@@ -1,0 +1,202 @@
+"""`ama-stream calibrate`: fit mu/sigma and the alert threshold on known-normal data, without labels.
+
+Scores every frame of the source with the checkpoint's Scorer, streams the R-scores into float64
+Welford statistics and a bounded sample (ama_stream.calibration.CalibrationFitter), writes the
+calibration atomically and prints a short summary. A running agent watching the file picks it up.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Iterator
+
+import numpy as np
+
+from ama_stream.calibration import (
+    DEFAULT_MAX_SAMPLE,
+    DEFAULT_MIN_CAMERA_FRAMES,
+    DEFAULT_TARGET_FPR,
+    POLICIES,
+    CalibrationFitter,
+    Policy,
+)
+
+log = logging.getLogger("ama_stream.calibrate")
+
+PROGRESS_EVERY_S = 10.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="the model checkpoint to calibrate")
+    parser.add_argument("--source", required=True, metavar="SPEC",
+                        help="known-normal frames: FORMAT:ROOT (folder:/data/line3/good, idx:fashion-mnist, npz:/x.npz, "
+                             "elpv:elpv) or kafka:TOPIC with --bootstrap")
+    parser.add_argument("--out", required=True, metavar="FILE", help="calibration file to write (atomically)")
+    parser.add_argument("--limit", type=int, metavar="N", help="use at most N frames")
+    parser.add_argument("--policy", choices=POLICIES, default="two-sided",
+                        help="two-sided: |z| large (default); upper: only high R; sigma: |z| > K")
+    parser.add_argument("--target-fpr", type=float, metavar="F",
+                        help=f"false-alarm rate on normal data for two-sided/upper (default {DEFAULT_TARGET_FPR})")
+    parser.add_argument("--k", type=float, metavar="K", help="|z| threshold of the sigma policy (default 3)")
+    parser.add_argument("--per-camera", action="store_true",
+                        help="also fit one entry per camera (kafka: camera-id header or key; files: the class "
+                             "folder, or --camera-id); other cameras use the global entry")
+    parser.add_argument("--camera-id", metavar="ID", help="file sources: the camera these frames come from")
+    parser.add_argument("--min-camera-frames", type=int, default=DEFAULT_MIN_CAMERA_FRAMES, metavar="N",
+                        help=f"cameras with fewer frames get no entry of their own (default {DEFAULT_MIN_CAMERA_FRAMES})")
+    parser.add_argument("--max-sample", type=int, default=DEFAULT_MAX_SAMPLE, metavar="N",
+                        help=f"scores kept per entry for quantiles and p-values (default {DEFAULT_MAX_SAMPLE})")
+    parser.add_argument("--classes", metavar="A,B", help="class selection of a file --source")
+    parser.add_argument("--split", choices=["train", "test", "all"], help="split of a file --source (default: all)")
+    parser.add_argument("--data-root", metavar="DIR", help="where relative roots resolve (default: $AMA_DATA_ROOT)")
+    parser.add_argument("--device", default="auto", metavar="D", help="auto, cpu or cuda:N (default auto)")
+    parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="frames per scoring batch (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the score sample and of the file split")
+    parser.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka bootstrap servers (kafka:TOPIC, --publish)")
+    parser.add_argument("--window-s", type=float, metavar="S",
+                        help="kafka: read the frames of the last S seconds (by timestamp) instead of the whole topic")
+    parser.add_argument("--idle-timeout-s", type=float, default=10.0, metavar="S",
+                        help="kafka: stop when no frame arrived for S seconds (default 10)")
+    parser.add_argument("--publish", metavar="TOPIC",
+                        help="also publish the calibration to this control topic (key: the model id) for running agents")
+    parser.add_argument("--config", metavar="FILE", help="kafka: YAML with a kafka: section (security settings)")
+
+
+def _check(args: argparse.Namespace, kafka: bool) -> Policy:
+    for name in ("limit", "batch_size", "min_camera_frames"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.max_sample < 2:
+        raise ValueError(f"--max-sample must be at least 2, got {args.max_sample}")
+    if args.policy == "sigma" and args.target_fpr is not None:
+        raise ValueError("--target-fpr applies to the two-sided and upper policies; the sigma policy takes --k")
+    if args.policy != "sigma" and args.k is not None:
+        raise ValueError(f"--k applies to the sigma policy, not {args.policy} (which takes --target-fpr)")
+    if (kafka or args.publish) and not args.bootstrap:
+        raise ValueError(f"{'a kafka: source' if kafka else '--publish'} needs --bootstrap HOST:PORT")
+    if kafka:
+        if args.camera_id or args.classes or args.split:
+            raise ValueError("--camera-id, --classes and --split apply to file sources (kafka frames carry camera-id)")
+    elif args.window_s is not None:
+        raise ValueError("--window-s applies to kafka: sources only")
+    elif (args.bootstrap or args.config) and not args.publish:
+        raise ValueError("--bootstrap and --config apply to kafka: sources and --publish only")
+    if args.window_s is not None and args.window_s <= 0:
+        raise ValueError(f"--window-s must be positive, got {args.window_s}")
+    return Policy.make(args.policy, args.target_fpr, args.k)
+
+
+def _file_frames(args: argparse.Namespace) -> Iterator[tuple[np.ndarray, str | None]]:
+    """(native image, camera id) of a file source."""
+    from ama_stream.sources import iter_images, parse_source, source_classes
+
+    spec = parse_source(args.source, args.classes).with_split(args.split)
+    items = iter_images(spec, args.data_root, seed=args.seed)
+    class_names = source_classes(spec, args.data_root) if args.per_camera and not args.camera_id else ()
+    for _item_id, image, label in items:
+        if args.camera_id:
+            yield image, args.camera_id
+        else:
+            yield image, (class_names[label] if class_names and label is not None else None)
+
+
+def _kafka_settings(args: argparse.Namespace):
+    from ama_stream.agent.settings import ProduceSettings
+    from ama_stream.settings import load_settings
+
+    return load_settings(ProduceSettings, args.config, {"kafka": {"bootstrap_servers": args.bootstrap}})
+
+
+def _kafka_frames(args: argparse.Namespace, stats) -> Iterator[tuple[np.ndarray, str | None]]:
+    """(decoded frame, camera id) of a topic, read outside any consumer group (no offsets committed)."""
+    from ama_stream.agent.replay import topic_frames
+
+    settings = _kafka_settings(args)
+    topic = args.source.strip().split(":", 1)[1].strip()
+    if not topic:
+        raise ValueError(f"source {args.source!r}: kafka:TOPIC needs a topic name")
+    return topic_frames(settings.kafka, topic, limit=args.limit, window_s=args.window_s,
+                        idle_timeout_s=args.idle_timeout_s, stats=stats)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ama_stream.scoring import Scorer
+    from ama_stream.sources import is_kafka_source
+
+    kafka = is_kafka_source(args.source)
+    policy = _check(args, kafka)
+    scorer = Scorer(args.checkpoint, args.device)
+    replay = None
+    if kafka:
+        from ama_stream.agent.replay import ReplayStats
+
+        replay = ReplayStats()
+        frames = _kafka_frames(args, replay)
+    else:
+        frames = _file_frames(args)
+    fitter = CalibrationFitter(per_camera=args.per_camera, max_sample=args.max_sample, seed=args.seed)
+
+    started = last_report = time.monotonic()
+    images: list[np.ndarray] = []
+    cameras: list[str | None] = []
+
+    def flush() -> None:
+        if images:
+            fitter.update(scorer.score_images(images).r, cameras)
+            images.clear()
+            cameras.clear()
+
+    for count, (image, camera) in enumerate(frames, start=1):
+        images.append(image)
+        cameras.append(camera)
+        if len(images) == args.batch_size:
+            flush()
+        if time.monotonic() - last_report > PROGRESS_EVERY_S:
+            last_report = time.monotonic()
+            log.info("scored %d frames (%.0f frames/s)", count, count / (last_report - started))
+        if args.limit is not None and count >= args.limit:
+            break
+    flush()
+    if replay is not None and replay.undecodable:
+        log.warning("skipped %d undecodable frames (%s)", sum(replay.undecodable.values()),
+                    ", ".join(f"{reason}: {n}" for reason, n in sorted(replay.undecodable.items())))
+    if fitter.n + fitter.skipped_nonfinite == 0:
+        raise ValueError(f"{args.source}: no frames to calibrate on")
+    if fitter.skipped_nonfinite:
+        log.warning("skipped %d frames whose R-score is not finite", fitter.skipped_nonfinite)
+
+    source = {"spec": args.source}
+    for key in ("classes", "split", "limit", "camera_id", "window_s"):
+        if getattr(args, key, None) is not None:
+            source[key] = getattr(args, key)
+    calibration, notes = fitter.finish(scorer.model_id, policy, source, args.min_camera_frames)
+    for note in notes + calibration.warnings():
+        log.warning("%s", note)
+    calibration.save(args.out)
+    elapsed = time.monotonic() - started
+    print(calibration.summary())
+    print(f"  scored {fitter.n} frames in {elapsed:.1f} s; wrote {args.out}")
+    if args.publish:
+        _publish(args, calibration)
+        print(f"  published to topic {args.publish} (key {calibration.model_id})")
+    return 0
+
+
+def _publish(args: argparse.Namespace, calibration) -> None:
+    """The calibration document on the control topic that agents with `topics.calibration` read."""
+    from kafka.errors import KafkaError
+
+    from ama_stream.agent.kafka_io import make_producer
+
+    settings = _kafka_settings(args)
+    try:
+        producer = make_producer(settings.kafka, settings.producer, connect_timeout_s=10.0)
+        try:
+            producer.send(args.publish, key=calibration.model_id.encode(), value=calibration.to_json_bytes()).get(30)
+        finally:
+            producer.close(timeout=10)
+    except KafkaError as exc:
+        raise RuntimeError(f"publishing the calibration to {args.publish} failed (the file {args.out} was written): "
+                           f"{type(exc).__name__}: {exc}") from None
