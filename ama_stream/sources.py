@@ -232,7 +232,8 @@ def resolve_root(spec: SourceSpec, data_root: str | os.PathLike | None = None) -
 # --------------------------------------------------------------------------- decoding
 
 
-def _to_uint8(im: Image.Image) -> np.ndarray:
+def pil_to_uint8(im: Image.Image) -> np.ndarray:
+    """A decoded PIL image -> uint8 HxW or HxWx3 (16-bit gray scaled to 8 bits); ValueError for float pixels."""
     mode = im.mode
     if mode in ("L", "RGB"):
         return np.asarray(im)
@@ -260,7 +261,7 @@ def decode_image(source: bytes | str | os.PathLike, name: str | None = None) -> 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                return _to_uint8(im)
+                return pil_to_uint8(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{name}: image too large to decode safely ({exc})") from None
     except FileNotFoundError:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ama_stream.sources import pil_to_uint8
+
 PNG = "image/png"
 JPEG = "image/jpeg"
 NPY = "application/x-npy"
@@ -20,7 +22,9 @@ CONTENT_TYPES = (PNG, JPEG, NPY)
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", PNG), (b"\xff\xd8\xff", JPEG), (b"\x93NUMPY", NPY))
 _PIL_FORMAT = {PNG: "PNG", JPEG: "JPEG"}
-# PIL modes converted to one of L / RGB / RGBA; anything else (16-bit, float) is refused.
+# PIL modes converted to one of L / RGB / RGBA; 16-bit gray ("I;16*", "I") is scaled to 8 bits as
+# the training loaders do (sources.pil_to_uint8), so a camera scores like its training images.
+# Anything else (float) is refused.
 _PIL_CONVERT = {"1": "L", "L": "L", "LA": "RGBA", "P": "RGBA", "PA": "RGBA", "RGB": "RGB", "RGBA": "RGBA",
                 "CMYK": "RGB", "YCbCr": "RGB"}
 
@@ -74,6 +78,8 @@ def _decode_pil(value: bytes, content_type: str, limits: FrameLimits) -> np.ndar
         width, height = img.size
         _check_pixels(height, width, limits)  # from the header: nothing decompressed yet
         target = _PIL_CONVERT.get(img.mode)
+        if target is None and img.mode.startswith("I"):
+            return _decode_sixteen_bit(img, content_type)
         if target is None:
             raise FrameError("unsupported-pixels", f"{content_type} with pixel mode {img.mode} (only 8-bit images)")
         try:
@@ -86,6 +92,18 @@ def _decode_pil(value: bytes, content_type: str, limits: FrameLimits) -> np.ndar
         except (OSError, ValueError, SyntaxError) as exc:
             raise FrameError("undecodable", f"corrupt or truncated {content_type} image ({exc})") from None
     return array
+
+
+def _decode_sixteen_bit(img: Image.Image, content_type: str) -> np.ndarray:
+    try:
+        img.load()
+        return pil_to_uint8(img)
+    except Image.DecompressionBombError as exc:
+        raise FrameError("too-many-pixels", str(exc)) from None
+    except (OSError, SyntaxError) as exc:
+        raise FrameError("undecodable", f"corrupt or truncated {content_type} image ({exc})") from None
+    except ValueError as exc:  # pixel values outside 16 bits
+        raise FrameError("unsupported-pixels", f"{content_type} with pixel mode {img.mode}: {exc}") from None
 
 
 def _decode_npy(value: bytes, limits: FrameLimits) -> np.ndarray:

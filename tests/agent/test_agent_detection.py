@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from ama_stream.agent.feed import mixed_items, publish_items, truth_row
-from ama_stream.checkpoint import save_checkpoint
+from ama_stream.calibration import load_calibration
+from ama_stream.checkpoint import load_checkpoint, save_checkpoint
 from ama_stream.sources import iter_images, parse_source
 from training.commands.demo import demo_data, demo_model, synthetic_parts
 
@@ -86,6 +87,10 @@ def test_demo_on_real_data_prints_its_summary(trained_checkpoint, demo_cache, da
     precision = float(re.search(r"precision\s+([0-9.]+)", out).group(1))
     assert recall > 0.2 and precision > 0.3, out
     assert re.search(r"latency p50 / p99\s+\d+ ms / \d+ ms", out)
+    # the agent ran with the demo's calibration file, fitted for this very model
+    path = re.search(r"calibration\s+(\S+\.json) \(two-sided", out).group(1)
+    calibration = load_calibration(path, load_checkpoint(trained_checkpoint).model_id)
+    assert calibration.policy.target_fpr == 0.01 and calibration.global_entry.n == 3000
 
 
 def test_demo_without_datasets_trains_on_generated_parts(tmp_path):
@@ -95,7 +100,7 @@ def test_demo_without_datasets_trains_on_generated_parts(tmp_path):
     assert "synthetic parts" in done.stdout and re.search(r"frames scored\s+120 of 120", done.stdout)
     assert "training a small AMA on synthetic parts" in done.stderr
     assert sorted(p.name for p in (tmp_path / "synthetic").iterdir()) == [
-        "normal.npz", "stream-anomaly.npz", "stream-normal.npz"]
+        "calibration.npz", "normal.npz", "stream-anomaly.npz", "stream-normal.npz"]
 
 
 def test_synthetic_defects_change_the_part():

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from ama_stream.agent.frames import JPEG, NPY, PNG, FrameError, FrameLimits, decode_frame, encode_frame, sniff_content_type
+from ama_stream.sources import decode_image
 
 LIMITS = FrameLimits(max_frame_bytes=1 << 20, max_pixels=256 * 256)
 rng = np.random.default_rng(0)
@@ -116,10 +117,15 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
     assert _reason(header.getvalue()) == "too-many-pixels"  # the header alone, no data
 
 
-def test_sixteen_bit_png_is_refused():
+def test_sixteen_bit_png_is_scaled_like_the_training_loaders_do():
+    pixels = np.random.default_rng(3).integers(0, 65536, (9, 7), dtype=np.uint16)
+    pixels[0, :3] = (0, 65535, 257)
     out = io.BytesIO()
-    Image.fromarray(np.zeros((8, 8), dtype=np.uint16)).save(out, format="PNG")
-    assert _reason(out.getvalue()) == "unsupported-pixels"
+    Image.fromarray(pixels).save(out, format="PNG")
+    frame = decode_frame(out.getvalue(), PNG, FrameLimits())
+    assert frame.dtype == np.uint8 and frame.shape == (9, 7)
+    assert tuple(frame[0, :3]) == (0, 255, 1)
+    np.testing.assert_array_equal(frame, decode_image(out.getvalue()))  # what training and calibrate see
 
 
 def test_encode_refuses_what_decode_would_refuse():

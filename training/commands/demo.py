@@ -4,10 +4,11 @@
    (`--data-root`, AMA_DATA_ROOT, ../shared/datasets); otherwise generated "parts on a conveyor"
    (a bright disc; anomalies carry a scratch, a hole or a chipped edge);
 2. model: a small AMA trained on the normal images (cached, so later runs start at once);
-   its training R-scores give the calibration (|z| > 3, the checkpoint's mu/sigma);
-3. the embedded tansu broker, the scoring agent in this process, and a camera feed streaming
+3. calibration: known-normal images the stream does not contain give mu/sigma and the two-sided
+   threshold for a 1% false-alarm rate (as `ama-stream calibrate` does; docs/operations.md);
+4. the embedded tansu broker, the scoring agent in this process, and a camera feed streaming
    normal frames with injected anomalies;
-4. live progress on stderr, then a summary on stdout: frames scored, throughput, alert precision
+5. live progress on stderr, then a summary on stdout: frames scored, throughput, alert precision
    and recall against the injected truth, end-to-end latency p50/p99.
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ import numpy as np
 log = logging.getLogger("ama_stream.demo")
 
 CAMERAS = ("line1-cam0", "line1-cam1", "line2-cam0", "line2-cam1")
+CALIBRATION_FRAMES = 3000
+CALIBRATION_FPR = 0.01  # a 1% target is well resolved by 3000 scores; the product default (0.1%) needs ~10,000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,6 +85,8 @@ class DemoData:
     normal_stream: str  # FORMAT:ROOT of the normal frames streamed
     anomaly_stream: str
     split: str | None  # split of the streamed sources
+    calibration: str  # FORMAT:ROOT of known-normal images for the calibration (not streamed)
+    calibration_split: str | None
     data_root: str | None
 
 
@@ -93,15 +98,18 @@ def demo_data(args: argparse.Namespace, cache: Path) -> DemoData:
         train = {"protocol": "cross", "normal": {"format": "idx", "root": str(root / "fashion-mnist")},
                  "anomaly": {"format": "idx", "root": str(root / "mnist")}, "image_size": 32, "channels": 1,
                  "limit_train": 6000, "limit_test": 1000, "val_fraction": 0}
+        # The stream is the test split; the calibration uses training-split images (about 10% of
+        # them are among the 6000 the model trained on, which hardly moves the statistics).
         return DemoData("Fashion-MNIST (normal) vs MNIST digits (anomalies)", train,
-                        f"idx:{root / 'fashion-mnist'}", f"idx:{root / 'mnist'}", "test", None)
+                        f"idx:{root / 'fashion-mnist'}", f"idx:{root / 'mnist'}", "test",
+                        f"idx:{root / 'fashion-mnist'}", "train", None)
     folder = cache / "synthetic"
-    files = {name: folder / f"{name}.npz" for name in ("normal", "stream-normal", "stream-anomaly")}
+    files = {name: folder / f"{name}.npz" for name in ("normal", "stream-normal", "stream-anomaly", "calibration")}
     if not all(f.is_file() for f in files.values()):
         folder.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(1234)
         for name, n, defective in (("normal", 8000, False), ("stream-normal", 4000, False),
-                                   ("stream-anomaly", 1000, True)):
+                                   ("stream-anomaly", 1000, True), ("calibration", CALIBRATION_FRAMES, False)):
             tmp = folder / f".{name}.tmp.npz"
             np.savez(tmp, images=synthetic_parts(n, rng, defective))
             tmp.replace(files[name])
@@ -109,7 +117,8 @@ def demo_data(args: argparse.Namespace, cache: Path) -> DemoData:
              "anomaly": {"format": "npz", "root": str(files["stream-anomaly"])}, "image_size": 32, "channels": 1,
              "limit_test": 1000, "val_fraction": 0}
     return DemoData("synthetic parts (anomalies: scratches, holes, chipped edges)", train,
-                    f"npz:{files['stream-normal']}", f"npz:{files['stream-anomaly']}", None, None)
+                    f"npz:{files['stream-normal']}", f"npz:{files['stream-anomaly']}", None,
+                    f"npz:{files['calibration']}", None, None)
 
 
 # --------------------------------------------------------------------------- model
@@ -155,6 +164,31 @@ def demo_model(args: argparse.Namespace, cache: Path, data: DemoData):
     print(f"trained in {time.monotonic() - t0:.0f} s" + (f"; held-out AUROC (A-score) {auroc:.3f}" if auroc else ""),
           file=sys.stderr)
     return ckpt
+
+
+def demo_calibration(ckpt, data: DemoData, cache: Path, device: str, seed: int) -> Path:
+    """The calibration file the agent runs with, fitted like `ama-stream calibrate` does."""
+    from itertools import islice
+
+    from ama_stream.calibration import CalibrationFitter, Policy
+    from ama_stream.scoring import Scorer
+    from ama_stream.sources import iter_images, parse_source
+
+    path = cache / f"calibration-{ckpt.model_id}.json"
+    scorer = Scorer(ckpt, device)
+    images = [image for _id, image, _label in islice(
+        iter_images(parse_source(data.calibration).with_split(data.calibration_split), data.data_root, seed=seed),
+        CALIBRATION_FRAMES)]
+    fitter = CalibrationFitter(seed=seed)
+    for start in range(0, len(images), 256):
+        fitter.update(scorer.score_images(images[start:start + 256]).r)
+    source = {"spec": data.calibration, "limit": CALIBRATION_FRAMES}
+    if data.calibration_split:
+        source["split"] = data.calibration_split
+    calibration, _notes = fitter.finish(ckpt.model_id, Policy.make("two-sided", CALIBRATION_FPR), source)
+    calibration.save(path)
+    print(calibration.summary(), file=sys.stderr)
+    return path
 
 
 # --------------------------------------------------------------------------- streaming
@@ -232,7 +266,7 @@ def summarize(truth: list[tuple[str, int, str]], scores: ScoreLog, seconds: floa
     }
 
 
-def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path) -> dict:
+def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path, calibration: Path) -> dict:
     from ama_stream.agent.broker import EMBEDDED_CONSUMER, EmbeddedBroker
     from ama_stream.agent.feed import mixed_items, publish_items, truth_row
     from ama_stream.agent.kafka_io import ensure_topics, make_producer
@@ -248,7 +282,7 @@ def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path) -> dict:
         ensure_topics(kafka, {"frames": 4, "scores": 1, "alerts": 1, "frames-dlq": 1})
         settings = load_settings(AgentSettings, None, {
             "kafka": {"bootstrap_servers": broker.bootstrap}, "device": args.device, "consumer": EMBEDDED_CONSUMER,
-            "metrics": {"port": 0}, "max_frames": args.frames, "group_id": "demo",
+            "metrics": {"port": 0}, "max_frames": args.frames, "group_id": "demo", "calibration": str(calibration),
         })
         agent = Agent(settings, scorer=Scorer(ckpt, args.device))
         agent_thread = threading.Thread(target=agent.run, name="agent", daemon=True)
@@ -293,10 +327,11 @@ def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path) -> dict:
         return summary
 
 
-def print_summary(summary: dict, data: DemoData, ckpt) -> None:
+def print_summary(summary: dict, data: DemoData, ckpt, calibration: Path) -> None:
     print("\nama-stream demo summary")
     print(f"  data               {data.kind}")
-    print(f"  model              {ckpt.model_id} (calibration: training R-scores, alert when |z| > 3)")
+    print(f"  model              {ckpt.model_id}")
+    print(f"  calibration        {calibration} (two-sided, target false-alarm rate {CALIBRATION_FPR:g})")
     print(f"  frames scored      {summary['frames_scored']} of {summary['frames_sent']} sent "
           f"({summary['dead_lettered']} dead-lettered, {summary['duplicates']} duplicates)")
     print(f"  throughput         {summary['throughput_fps']:.0f} frames/s over {summary['seconds']:.1f} s")
@@ -323,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
     cache = _cache_dir(args)
     data = demo_data(args, cache)
     ckpt = demo_model(args, cache, data)
-    summary = stream(args, ckpt, data, cache)
-    print_summary(summary, data, ckpt)
+    calibration = demo_calibration(ckpt, data, cache, args.device, args.seed)
+    summary = stream(args, ckpt, data, cache, calibration)
+    print_summary(summary, data, ckpt, calibration)
     return 0 if summary["frames_scored"] == summary["frames_sent"] else 1

@@ -1,0 +1,50 @@
+"""`ama-stream broker`: the embedded broker in the foreground, with the agent's topics created."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+from kafka import KafkaAdminClient
+
+from ama_stream.agent.broker import free_port
+from ama_stream.commands.broker import parse_topics
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.kafka
+
+
+def test_broker_command_creates_topics_and_stops_on_sigterm():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ama_stream.cli", "broker", "--port", str(port),
+                             "--topics", "frames:3,alerts"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"broker listening on 127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() else "")
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+        try:
+            described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(["frames", "alerts"])}
+        finally:
+            admin.close()
+        assert described == {"frames": 3, "alerts": 1}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("text, message", [("frames:x", "must be an integer"), ("frames:0", "PARTITIONS >= 1"),
+                                           (":2", "expected NAME")])
+def test_bad_topic_lists_are_refused(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_topics(text)
+
+
+def test_topic_list_defaults_to_one_partition():
+    assert parse_topics("frames:4, scores,alerts") == {"frames": 4, "scores": 1, "alerts": 1}
+    assert parse_topics("") == {}
