@@ -18,10 +18,11 @@ from typing import Iterator
 
 import numpy as np
 from kafka import KafkaConsumer
+from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from .frames import FrameError, FrameLimits, decode_frame
-from .kafka_io import build_client
+from .kafka_io import build_client, describe
 from .records import FrameMeta
 from .settings import KafkaSection
 
@@ -47,8 +48,19 @@ def topic_frames(
     stats: ReplayStats | None = None,
     connect_timeout_s: float = 10.0,
 ) -> Iterator[tuple[np.ndarray, str | None]]:
-    """(decoded image, camera id) of the topic's frames; undecodable frames are counted in `stats` and skipped."""
+    """(decoded image, camera id) of the topic's frames; undecodable frames are counted in `stats` and skipped.
+
+    A broker that cannot be reached, or fails while reading, ends the iteration with a one-line RuntimeError.
+    """
     stats = stats if stats is not None else ReplayStats()
+    try:
+        yield from _read(kafka, topic, limit, window_s, idle_timeout_s, limits, stats, connect_timeout_s)
+    except KafkaError as exc:
+        raise RuntimeError(f"reading topic {topic!r} from {kafka.bootstrap_servers} failed: {describe(exc)}") from None
+
+
+def _read(kafka: KafkaSection, topic: str, limit: int | None, window_s: float | None, idle_timeout_s: float,
+          limits: FrameLimits, stats: ReplayStats, connect_timeout_s: float) -> Iterator[tuple[np.ndarray, str | None]]:
     consumer = build_client(KafkaConsumer, **kafka.client_config(), group_id=None, enable_auto_commit=False,
                             bootstrap_timeout_ms=int(connect_timeout_s * 1000))
     try:

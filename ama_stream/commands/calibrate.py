@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kafka: read the frames of the last S seconds (by timestamp) instead of the whole topic")
     parser.add_argument("--idle-timeout-s", type=float, default=10.0, metavar="S",
                         help="kafka: stop when no frame arrived for S seconds (default 10)")
+    parser.add_argument("--connect-timeout-s", type=float, default=10.0, metavar="S",
+                        help="kafka: give up when the broker cannot be reached for this long (default 10)")
     parser.add_argument("--publish", metavar="TOPIC",
                         help="also publish the calibration to this control topic (key: the model id) for running agents")
     parser.add_argument("--config", metavar="FILE", help="kafka: YAML with a kafka: section (security settings)")
@@ -83,6 +85,8 @@ def _check(args: argparse.Namespace, kafka: bool) -> Policy:
         raise ValueError("--window-s applies to kafka: sources only")
     elif (args.bootstrap or args.config) and not args.publish:
         raise ValueError("--bootstrap and --config apply to kafka: sources and --publish only")
+    if args.connect_timeout_s <= 0:
+        raise ValueError(f"--connect-timeout-s must be positive, got {args.connect_timeout_s}")
     if args.window_s is not None and args.window_s <= 0:
         raise ValueError(f"--window-s must be positive, got {args.window_s}")
     return Policy.make(args.policy, args.target_fpr, args.k)
@@ -118,7 +122,7 @@ def _kafka_frames(args: argparse.Namespace, stats) -> Iterator[tuple[np.ndarray,
     if not topic:
         raise ValueError(f"source {args.source!r}: kafka:TOPIC needs a topic name")
     return topic_frames(settings.kafka, topic, limit=args.limit, window_s=args.window_s,
-                        idle_timeout_s=args.idle_timeout_s, stats=stats)
+                        idle_timeout_s=args.idle_timeout_s, stats=stats, connect_timeout_s=args.connect_timeout_s)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,7 +196,7 @@ def _publish(args: argparse.Namespace, calibration) -> None:
 
     settings = _kafka_settings(args)
     try:
-        producer = make_producer(settings.kafka, settings.producer, connect_timeout_s=10.0)
+        producer = make_producer(settings.kafka, settings.producer, connect_timeout_s=args.connect_timeout_s)
         try:
             producer.send(args.publish, key=calibration.model_id.encode(), value=calibration.to_json_bytes()).get(30)
         finally:

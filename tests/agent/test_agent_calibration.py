@@ -113,6 +113,18 @@ def test_calibrate_from_a_missing_topic_fails_with_one_line(bootstrap, random_ch
     assert not (tmp_path / "c.json").exists()
 
 
+def test_calibrate_from_an_unreachable_broker_fails_with_one_line(random_checkpoint, cli_main, tmp_path, capsys):
+    from ama_stream.agent.broker import free_port
+
+    code = cli_main(["calibrate", "--checkpoint", str(random_checkpoint), "--source", "kafka:frames",
+                     "--bootstrap", f"127.0.0.1:{free_port()}", "--connect-timeout-s", "1",
+                     "--out", str(tmp_path / "c.json"), "--device", "cpu"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "error: reading topic 'frames' from 127.0.0.1:" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "c.json").exists()
+
+
 # --------------------------------------------------------------------------- hot reload
 
 
