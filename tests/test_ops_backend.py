@@ -15,6 +15,7 @@ import torch
 
 from ama_stream import ops
 from ama_stream.ops import _compiled
+from ops_support import compiled_required
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -27,8 +28,8 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_required_compiled_backend_is_present() -> None:
-    required = os.environ.get("AMA_REQUIRE_COMPILED", "").strip().lower()
-    if required not in ("1", "true", "yes", "cpu", "cuda"):
+    required = compiled_required()
+    if required is None:
         pytest.skip("AMA_REQUIRE_COMPILED not set")
     assert _compiled.LOAD_ERROR is None, f"ama_stream._C did not load: {_compiled.LOAD_ERROR}"
     assert "cpu" in _compiled.DEVICES and ops.backend() == "compiled" and ops.backend("cpu") == "compiled"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 
 import numpy as np
@@ -10,12 +9,9 @@ import pytest
 import torch
 
 from ama_stream import ops
-from ama_stream.ops import _compiled
+from ops_support import DEVICES, require_compiled
 from ama_stream.ops.reference import pair_rscore_reference
 
-NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])
-DEVICES = ["cpu", CUDA]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 # Edge shapes [B, C, H, W] (B pairs, so h is [2B, C, H, W]) cover B = 1..513, C = 1..256, H, W = 1..16,
@@ -41,17 +37,6 @@ def _random_shapes(count: int, seed: int = 0, max_elements: int = 1 << 20) -> li
 
 SHAPES = EDGE_SHAPES + _random_shapes(14)
 
-
-def require_compiled(device: str) -> None:
-    """Skip when the compiled kernels are absent, unless AMA_REQUIRE_COMPILED says they must be there."""
-    if device in _compiled.DEVICES:
-        return
-    required = os.environ.get("AMA_REQUIRE_COMPILED", "").strip().lower()
-    if required in ("1", "true", "yes", "cpu", "cuda"):
-        pytest.fail(
-            f"AMA_REQUIRE_COMPILED={required} but ama_stream._C has no {device} kernels ({_compiled.LOAD_ERROR})"
-        )
-    pytest.skip(f"ama_stream._C has no {device} kernels ({_compiled.LOAD_ERROR})")
 
 
 def make_h(shape: tuple[int, int, int, int], dtype: torch.dtype, layout: str, device: str, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,6 @@ kernel uses its own Philox layout.)
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -16,23 +15,10 @@ import torch
 from scipy import stats
 
 from ama_stream import ops
-from ama_stream.ops import _compiled
+from ops_support import DEVICES, require_compiled
 from ama_stream.ops.reference import shell_sample_reference
 
-NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])
-DEVICES = ["cpu", CUDA]
 
-
-def require_compiled(device: str) -> None:
-    if device in _compiled.DEVICES:
-        return
-    required = os.environ.get("AMA_REQUIRE_COMPILED", "").strip().lower()
-    if required in ("1", "true", "yes", "cpu", "cuda"):
-        pytest.fail(
-            f"AMA_REQUIRE_COMPILED={required} but ama_stream._C has no {device} kernels ({_compiled.LOAD_ERROR})"
-        )
-    pytest.skip(f"ama_stream._C has no {device} kernels ({_compiled.LOAD_ERROR})")
 
 
 def compiled_sampler(n, d, r_inner, r_outer, generator=None, device=None):
