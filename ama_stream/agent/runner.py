@@ -312,9 +312,7 @@ class Agent:
         if self.outbox.gave_up:
             return
         calibration = self.calibration  # one decision rule per batch, even if swapped meanwhile
-        result = score_batch(self.scorer, calibration, batch)
-        self._watch_drift(calibration, result)
-        self.outbox.submit((batch, calibration, result))
+        self.outbox.submit((batch, calibration, score_batch(self.scorer, calibration, batch)))
 
     # -- calibration and drift -----------------------------------------------------------------
     def _check_calibration(self, now: float) -> None:
@@ -360,7 +358,10 @@ class Agent:
                                         policy=self.calibration.policy.name).set(1)
 
     def _watch_drift(self, calibration: Calibration, result: ScoredBatch) -> None:
-        """Rolling per-camera statistics of the batch's z against the calibration that decided it."""
+        """Rolling per-camera statistics of the batch's z against the calibration that decided it.
+
+        Runs on the publish worker only, so the monitor has a single thread.
+        """
         if self.drift is None or not result.scored:
             return
         if self.drift.calibration_id != calibration.calibration_id:
@@ -399,6 +400,7 @@ class Agent:
             return False
         self.offsets.mark_done(batch.positions, batch.epoch)
         self._account(batch, result, time.perf_counter() - started)
+        self._watch_drift(calibration, result)  # here, off the model's thread, for published frames only
         if not self.health.readiness()[0]:
             self._mark_ready()
         return True

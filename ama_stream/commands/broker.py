@@ -36,6 +36,8 @@ def parse_topics(text: str) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kafka.errors import KafkaError
+
     from ama_stream.agent.broker import EmbeddedBroker
     from ama_stream.agent.kafka_io import ensure_topics
     from ama_stream.agent.settings import KafkaSection
@@ -48,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     with EmbeddedBroker(port=args.port or None, log_file=args.log_file) as broker:
         if topics:
-            ensure_topics(KafkaSection(bootstrap_servers=broker.bootstrap), topics)
+            try:
+                ensure_topics(KafkaSection(bootstrap_servers=broker.bootstrap), topics)
+            except KafkaError as exc:
+                raise RuntimeError(f"creating the topics on {broker.bootstrap} failed: {exc}") from None
         print(f"broker listening on {broker.bootstrap} (in memory; topics: "
               f"{', '.join(f'{n}:{p}' for n, p in topics.items()) or 'none'}); Ctrl-C stops it", flush=True)
         while not stop.wait(1.0):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -125,6 +125,32 @@ def _kafka_frames(args: argparse.Namespace, stats) -> Iterator[tuple[np.ndarray,
                         idle_timeout_s=args.idle_timeout_s, stats=stats, connect_timeout_s=args.connect_timeout_s)
 
 
+def score_frames(scorer, frames: Iterable[tuple[np.ndarray, str | None]], fitter: CalibrationFitter,
+                 batch_size: int = 256, limit: int | None = None) -> None:
+    """Scores (image, camera id) pairs in batches into `fitter`, at most `limit`, logging progress."""
+    started = last_report = time.monotonic()
+    images: list[np.ndarray] = []
+    cameras: list[str | None] = []
+
+    def flush() -> None:
+        if images:
+            fitter.update(scorer.score_images(images).r, cameras)
+            images.clear()
+            cameras.clear()
+
+    for count, (image, camera) in enumerate(frames, start=1):
+        images.append(image)
+        cameras.append(camera)
+        if len(images) == batch_size:
+            flush()
+        if time.monotonic() - last_report > PROGRESS_EVERY_S:
+            last_report = time.monotonic()
+            log.info("scored %d frames (%.0f frames/s)", count, count / (last_report - started))
+        if limit is not None and count >= limit:
+            break
+    flush()
+
+
 def run(args: argparse.Namespace) -> int:
     from ama_stream.scoring import Scorer
     from ama_stream.sources import is_kafka_source
@@ -141,28 +167,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         frames = _file_frames(args)
     fitter = CalibrationFitter(per_camera=args.per_camera, max_sample=args.max_sample, seed=args.seed)
-
-    started = last_report = time.monotonic()
-    images: list[np.ndarray] = []
-    cameras: list[str | None] = []
-
-    def flush() -> None:
-        if images:
-            fitter.update(scorer.score_images(images).r, cameras)
-            images.clear()
-            cameras.clear()
-
-    for count, (image, camera) in enumerate(frames, start=1):
-        images.append(image)
-        cameras.append(camera)
-        if len(images) == args.batch_size:
-            flush()
-        if time.monotonic() - last_report > PROGRESS_EVERY_S:
-            last_report = time.monotonic()
-            log.info("scored %d frames (%.0f frames/s)", count, count / (last_report - started))
-        if args.limit is not None and count >= args.limit:
-            break
-    flush()
+    started = time.monotonic()
+    score_frames(scorer, frames, fitter, args.batch_size, args.limit)
     if replay is not None and replay.undecodable:
         log.warning("skipped %d undecodable frames (%s)", sum(replay.undecodable.values()),
                     ", ".join(f"{reason}: {n}" for reason, n in sorted(replay.undecodable.items())))

@@ -167,21 +167,17 @@ def demo_model(args: argparse.Namespace, cache: Path, data: DemoData):
 
 
 def demo_calibration(ckpt, data: DemoData, cache: Path, device: str, seed: int) -> Path:
-    """The calibration file the agent runs with, fitted like `ama-stream calibrate` does."""
-    from itertools import islice
-
+    """The calibration file the agent runs with, fitted as `ama-stream calibrate` does."""
     from ama_stream.calibration import CalibrationFitter, Policy
+    from ama_stream.commands.calibrate import score_frames
     from ama_stream.scoring import Scorer
     from ama_stream.sources import iter_images, parse_source
 
     path = cache / f"calibration-{ckpt.model_id}.json"
-    scorer = Scorer(ckpt, device)
-    images = [image for _id, image, _label in islice(
-        iter_images(parse_source(data.calibration).with_split(data.calibration_split), data.data_root, seed=seed),
-        CALIBRATION_FRAMES)]
+    items = iter_images(parse_source(data.calibration).with_split(data.calibration_split), data.data_root, seed=seed)
     fitter = CalibrationFitter(seed=seed)
-    for start in range(0, len(images), 256):
-        fitter.update(scorer.score_images(images[start:start + 256]).r)
+    score_frames(Scorer(ckpt, device), ((image, None) for _id, image, _label in items), fitter,
+                 limit=CALIBRATION_FRAMES)
     source = {"spec": data.calibration, "limit": CALIBRATION_FRAMES}
     if data.calibration_split:
         source["split"] = data.calibration_split
