@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, read_file_bytes
 from .streamstats import RunningStats
 
 CALIBRATION_FORMAT = "ama-stream/calibration"
@@ -467,14 +467,7 @@ def parse_calibration(data: bytes, expected_model_id: str | None, origin: str = 
 def load_calibration(path: str | os.PathLike, expected_model_id: str | None) -> Calibration:
     """Reads and validates a calibration file (refuses one made for another model)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CalibrationError(f"{path}: no such calibration file") from None
-    except IsADirectoryError:
-        raise CalibrationError(f"{path}: is a directory, expected a calibration file") from None
-    except OSError as exc:
-        raise CalibrationError(f"{path}: cannot read calibration: {exc.strerror}") from None
+    data = read_file_bytes(path, "calibration", CalibrationError)
     return parse_calibration(data, expected_model_id, str(path))
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, read_file_bytes
 from .model import AMA, ModelConfig
 from .preprocess import PreprocessSpec
 
@@ -118,14 +118,7 @@ def _require(payload: dict, key: str, kind: type | tuple[type, ...], path: Path)
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Reads and validates a checkpoint; tensors land on the CPU whatever device saved them."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint file") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint: {exc.strerror}") from None
+    data = read_file_bytes(path, "checkpoint", CheckpointError)
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

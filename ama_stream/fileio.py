@@ -1,9 +1,21 @@
-"""Small file helpers shared by checkpoints and calibrations."""
+"""Small file helpers shared by checkpoints and calibrations: strict reads, atomic writes."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+
+def read_file_bytes(path: Path, what: str, error: type[Exception]) -> bytes:
+    """The file's bytes; a missing, directory or unreadable path raises `error` naming the path and `what`."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what} file") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, expected a {what} file") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
