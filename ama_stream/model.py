@@ -27,8 +27,14 @@ class ModelConfig:
     disc_width: int = 128  # D channels; also the size of the penultimate features f
     spectral_norm: bool = True  # on every D layer (1-Lipschitz critic)
     mirrored: bool = True  # D sees stacked pairs (2C channels); False = the ablation on single images
+    gen_shortcut: str = "conv"  # G's up-block shortcut: "conv" (learned 1x1, the authors' SNGAN) or "identity"
+    init: str = "xavier"  # "xavier" (the authors' SNGAN init of G and D) or "default" (PyTorch's)
 
     def __post_init__(self) -> None:
+        if self.gen_shortcut not in ("conv", "identity"):
+            raise ValueError(f"gen_shortcut must be 'conv' or 'identity', got {self.gen_shortcut!r}")
+        if self.init not in ("xavier", "default"):
+            raise ValueError(f"init must be 'xavier' or 'default', got {self.init!r}")
         if self.image_size < 16 or self.image_size & (self.image_size - 1):
             raise ValueError(f"image_size must be a power of two >= 16, got {self.image_size}")
         if self.channels not in (1, 3):
@@ -55,7 +61,21 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**data)
+        # checkpoints written before a key existed were built the old way
+        return cls(**{**LEGACY_MODEL_KEYS, **data})
+
+
+# Values of keys added after the first checkpoint format, as the networks were built before them.
+LEGACY_MODEL_KEYS = {"gen_shortcut": "identity", "init": "default"}
+
+
+def _xavier(module: nn.Module, gain: float, enabled: bool) -> nn.Module:
+    """The authors' SNGAN init (xavier-uniform weights, zero bias); applied before spectral norm wraps it."""
+    if enabled:
+        nn.init.xavier_uniform_(module.weight, gain)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    return module
 
 
 class Encoder(nn.Module):
@@ -81,19 +101,22 @@ class Encoder(nn.Module):
 
 
 class _UpBlock(nn.Module):
-    """SNGAN generator ResBlock: BN-ReLU-up-conv3-BN-ReLU-conv3, nearest-neighbour upsampled shortcut."""
+    """SNGAN generator ResBlock: BN-ReLU-up-conv3-BN-ReLU-conv3; shortcut: upsample, then a learned
+    1x1 conv (the authors' code) or nothing."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, shortcut_conv: bool, xavier: bool):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(ch)
-        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv1 = _xavier(nn.Conv2d(ch, ch, 3, padding=1), math.sqrt(2), xavier)
         self.bn2 = nn.BatchNorm2d(ch)
-        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = _xavier(nn.Conv2d(ch, ch, 3, padding=1), math.sqrt(2), xavier)
+        self.shortcut = _xavier(nn.Conv2d(ch, ch, 1), 1.0, xavier) if shortcut_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2)
         h = self.conv2(F.relu(self.bn2(self.conv1(h))))
-        return h + F.interpolate(x, scale_factor=2)
+        s = F.interpolate(x, scale_factor=2)
+        return h + (self.shortcut(s) if self.shortcut is not None else s)
 
 
 class Generator(nn.Module):
@@ -102,12 +125,15 @@ class Generator(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.width = cfg.gen_width
-        self.dense = nn.Linear(cfg.nz, 4 * 4 * cfg.gen_width)
-        self.blocks = nn.Sequential(*[_UpBlock(cfg.gen_width) for _ in range(cfg.levels)])
+        xavier = cfg.init == "xavier"
+        self.dense = _xavier(nn.Linear(cfg.nz, 4 * 4 * cfg.gen_width), 1.0, xavier)
+        self.blocks = nn.Sequential(
+            *[_UpBlock(cfg.gen_width, cfg.gen_shortcut == "conv", xavier) for _ in range(cfg.levels)]
+        )
         self.out = nn.Sequential(
             nn.BatchNorm2d(cfg.gen_width),
             nn.ReLU(),
-            nn.Conv2d(cfg.gen_width, cfg.channels, 3, padding=1),
+            _xavier(nn.Conv2d(cfg.gen_width, cfg.channels, 3, padding=1), 1.0, xavier),
             nn.Tanh(),
         )
 
@@ -119,13 +145,13 @@ class Generator(nn.Module):
 class _DownBlock(nn.Module):
     """SNGAN discriminator ResBlock. `first` is the optimized block (no leading ReLU, pool then 1x1 shortcut)."""
 
-    def __init__(self, c_in: int, c_out: int, downsample: bool, first: bool, sn):
+    def __init__(self, c_in: int, c_out: int, downsample: bool, first: bool, sn, xavier: bool):
         super().__init__()
         self.first, self.downsample = first, downsample
-        self.conv1 = sn(nn.Conv2d(c_in, c_out, 3, padding=1))
-        self.conv2 = sn(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.conv1 = sn(_xavier(nn.Conv2d(c_in, c_out, 3, padding=1), math.sqrt(2), xavier))
+        self.conv2 = sn(_xavier(nn.Conv2d(c_out, c_out, 3, padding=1), math.sqrt(2), xavier))
         needs_proj = c_in != c_out or downsample
-        self.shortcut = sn(nn.Conv2d(c_in, c_out, 1)) if needs_proj else None
+        self.shortcut = sn(_xavier(nn.Conv2d(c_in, c_out, 1), 1.0, xavier)) if needs_proj else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.first else F.relu(x)
@@ -153,13 +179,13 @@ class Discriminator(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         sn = _spectral_norm if cfg.spectral_norm else (lambda m: m)
-        w = cfg.disc_width
+        w, xavier = cfg.disc_width, cfg.init == "xavier"
         n_down = max(cfg.levels - 2, 0)  # total downsamples = S / 8, the first block does one
-        blocks = [_DownBlock(cfg.disc_in_channels, w, downsample=True, first=True, sn=sn)]
-        blocks += [_DownBlock(w, w, downsample=True, first=False, sn=sn) for _ in range(n_down)]
-        blocks += [_DownBlock(w, w, downsample=False, first=False, sn=sn) for _ in range(2)]
+        blocks = [_DownBlock(cfg.disc_in_channels, w, downsample=True, first=True, sn=sn, xavier=xavier)]
+        blocks += [_DownBlock(w, w, downsample=True, first=False, sn=sn, xavier=xavier) for _ in range(n_down)]
+        blocks += [_DownBlock(w, w, downsample=False, first=False, sn=sn, xavier=xavier) for _ in range(2)]
         self.blocks = nn.Sequential(*blocks)
-        self.linear = sn(nn.Linear(w, 1, bias=False))
+        self.linear = sn(_xavier(nn.Linear(w, 1, bias=False), 1.0, xavier))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)

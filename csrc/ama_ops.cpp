@@ -40,7 +40,8 @@ at::Device resolve_sample_device(const std::optional<at::Generator>& generator, 
   return gen_device;
 }
 
-using ShellSampleFn = at::Tensor(int64_t, int64_t, double, double, std::optional<at::Generator>, std::optional<at::Device>);
+using ShellSampleFn =
+    at::Tensor(int64_t, int64_t, double, double, bool, std::optional<at::Generator>, std::optional<at::Device>);
 
 at::Tensor shell_sample_backend_select(
     c10::DispatchKeySet /*keys*/,
@@ -48,13 +49,14 @@ at::Tensor shell_sample_backend_select(
     int64_t d,
     double r_inner,
     double r_outer,
+    bool volume,
     std::optional<at::Generator> generator,
     std::optional<at::Device> device) {
   const at::Device target = resolve_sample_device(generator, device);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("ama::shell_sample", "").typed<ShellSampleFn>();
   const auto key = c10::computeDispatchKey(std::nullopt, std::nullopt, target);
-  return op.redispatch(c10::DispatchKeySet(key), n, d, r_inner, r_outer, std::move(generator), target);
+  return op.redispatch(c10::DispatchKeySet(key), n, d, r_inner, r_outer, volume, std::move(generator), target);
 }
 
 }  // namespace
@@ -69,9 +71,11 @@ TORCH_LIBRARY(ama, m) {
   m.def(
       "pair_rscore_features(Tensor h, float mu, float sigma) -> (Tensor r, Tensor z, Tensor log_a, Tensor features)",
       {at::Tag::pt2_compliant_tag});
-  // n points uniform over the volume r_inner <= |z| <= r_outer in R^d, float32 [n, d].
+  // n points of the shell r_inner <= |z| <= r_outer in R^d, float32 [n, d]: a uniform direction and a
+  // radius uniform in [r_inner, r_outer], or (volume=True) uniform over the shell's volume.
   m.def(
-      "shell_sample(int n, int d, float r_inner, float r_outer, *, Generator? generator=None, Device? device=None) -> Tensor",
+      "shell_sample(int n, int d, float r_inner, float r_outer, *, bool volume=False, Generator? generator=None, "
+      "Device? device=None) -> Tensor",
       {at::Tag::nondeterministic_seeded, at::Tag::pt2_compliant_tag});
 }
 

@@ -172,3 +172,54 @@ def test_each_negative_weighs_lambda_normal_samples():
     x = torch.zeros(20, 1, 16, 16)
     assert objective._w_neg(x, torch.zeros(2, 8)) == pytest.approx(0.5)
     assert objective._w_neg(x, None) == 0.0
+
+
+def test_shell_negatives_spread_between_the_spheres_not_on_the_outer_one():
+    """Defect 1: the old volume law put inward negatives at 0.965-1.0 x sqrt(d), on the normal codes.
+    The paper's law (radial: uniform) draws the radius uniformly between sqrt(d)(1 - delta) and sqrt(d)."""
+    d = 128
+    cfg = NegativesSection(mode="shell", direction="inward", radius="typical", delta=0.5)
+    radii = sample_negatives(cfg, 4000, d, generator=torch.Generator().manual_seed(0)).norm(dim=1) / math.sqrt(d)
+    assert float(radii.median()) == pytest.approx(0.75, abs=0.02)
+    assert float(torch.quantile(radii, 0.05)) < 0.55 and float(torch.quantile(radii, 0.95)) > 0.95
+    volume = NegativesSection(mode="shell", direction="inward", radius="typical", delta=0.5, radial="volume")
+    radii_v = sample_negatives(volume, 4000, d, generator=torch.Generator().manual_seed(0)).norm(dim=1) / math.sqrt(d)
+    assert float(torch.quantile(radii_v, 0.01)) > 0.96  # the old law, kept as an option
+
+
+def _batchnorm_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
+
+
+def test_auxiliary_passes_leave_batchnorm_statistics_to_the_normal_batch():
+    """Defect 2: decoding negatives and interpolants in train mode moved G's running statistics to
+    small atypical batches. Now only the normal reconstruction G(E(x)) updates them."""
+    x = torch.rand(8, 1, 16, 16) * 2 - 1
+    z_neg = torch.randn(3, 8) * 5
+    reference = _tiny_model()
+    with torch.no_grad():
+        reference.generator(reference.encoder(x))  # one train-mode pass over the normal batch alone
+    expected = {**_batchnorm_buffers(reference.encoder), **_batchnorm_buffers(reference.generator)}
+    for step in ("critic_loss", "autoencoder_loss"):
+        model = _tiny_model()
+        getattr(AMAObjective(LossSection(), mirrored=True), step)(model, x, z_neg, torch.Generator().manual_seed(1))
+        got = {**_batchnorm_buffers(model.encoder), **_batchnorm_buffers(model.generator)}
+        for k, v in expected.items():
+            torch.testing.assert_close(got[k], v, msg=f"{step}: {k}")
+        assert model.generator.training and model.encoder.training  # the train mode is restored
+    old = _tiny_model()  # the old behaviour, kept as aux_bn: batch, moves them (the test can tell)
+    AMAObjective(LossSection(aux_bn="batch"), mirrored=True).critic_loss(old, x, z_neg, torch.Generator().manual_seed(1))
+    moved = _batchnorm_buffers(old.generator)
+    assert any(not torch.allclose(moved[k], expected[k]) for k in moved)
+
+
+def test_auxiliary_passes_still_train_e_and_g():
+    """Eval-mode BN in the interpolation and negative passes still lets their gradients reach E and G."""
+    cfg = LossSection(gradient_penalty={"enabled": False}, latent_reg=0.0)
+    x = torch.rand(6, 1, 16, 16) * 2 - 1
+    model = _tiny_model()
+    im = AMAObjective(cfg, mirrored=True).forward(model, x, torch.randn(2, 8) * 3, torch.Generator().manual_seed(0))
+    (im.inter.sum() + im.x_neg_hat.sum()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.generator.parameters())
+    assert im.x_neg is not None and not im.x_neg.requires_grad  # negatives are fixed inputs

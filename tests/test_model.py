@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ama_stream.model import AMA, Discriminator, ModelConfig, pair, stacked_pairs
+from ama_stream.model import AMA, Discriminator, Generator, ModelConfig, pair, stacked_pairs
 from ama_stream.ops import pair_rscore_reference
 
 
@@ -84,3 +84,35 @@ def test_config_validation():
         ModelConfig(channels=2)
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({"image_size": 32, "depth": 3})
+
+
+def test_generator_blocks_follow_the_authors_sngan():
+    """Defect 4: the authors' generator blocks have a learned 1x1 shortcut conv and xavier init."""
+    g = Generator(small())
+    blocks = list(g.blocks)
+    assert blocks and all(isinstance(b.shortcut, torch.nn.Conv2d) and b.shortcut.kernel_size == (1, 1) for b in blocks)
+    conv = blocks[0].conv1  # xavier-uniform with gain sqrt(2): |w| <= sqrt(2) sqrt(6 / (fan_in + fan_out))
+    fan = conv.in_channels * 9 + conv.out_channels * 9
+    bound = math.sqrt(2) * math.sqrt(6 / fan)
+    assert conv.weight.abs().max() <= bound + 1e-6 and conv.weight.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(conv.bias) == 0
+    plain = Generator(small(gen_shortcut="identity", init="default"))
+    assert all(b.shortcut is None for b in plain.blocks)
+    assert plain.blocks[0].conv1.weight.abs().max() <= 1 / math.sqrt(conv.in_channels * 9) + 1e-6  # PyTorch's init
+    x = torch.randn(3, small().nz)
+    assert g(x).shape == plain(x).shape
+
+
+def test_xavier_init_reaches_the_spectrally_normed_critic():
+    d = Discriminator(small())
+    w = d.blocks[1].conv1.parametrizations.weight.original
+    bound = math.sqrt(2) * math.sqrt(6 / (w.shape[1] * 9 + w.shape[0] * 9))
+    assert w.abs().max() <= bound + 1e-6 and w.abs().max() > 0.9 * bound
+
+
+def test_checkpoints_from_before_the_new_keys_rebuild_the_old_networks():
+    old = {k: v for k, v in small().to_dict().items() if k not in ("gen_shortcut", "init")}
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.gen_shortcut == "identity" and cfg.init == "default"
+    with pytest.raises(ValueError, match="gen_shortcut"):
+        ModelConfig(gen_shortcut="dense")

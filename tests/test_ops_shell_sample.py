@@ -1,8 +1,8 @@
 """ama::shell_sample (compiled, CPU and CUDA) and its twin: the distribution, seeding and input checks.
 
 The compiled samplers and the twin are only required to be statistically equivalent, so each is
-tested on its own against the target law -- uniform over the volume of the shell -- and against the
-other. (The CPU kernel happens to draw through the same generator calls as the twin; the CUDA
+tested on its own against the target laws -- a radius uniform between the spheres (the default, the
+paper's), or uniform over the volume of the shell (volume=True) -- and against the other. (The CPU kernel happens to draw through the same generator calls as the twin; the CUDA
 kernel uses its own Philox layout.)
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from ama_stream.ops.reference import shell_sample_reference
 
 
 
-def compiled_sampler(n, d, r_inner, r_outer, generator=None, device=None):
-    return torch.ops.ama.shell_sample(n, d, r_inner, r_outer, generator=generator, device=device)
+def compiled_sampler(n, d, r_inner, r_outer, generator=None, device=None, volume=False):
+    return torch.ops.ama.shell_sample(n, d, r_inner, r_outer, volume=volume, generator=generator, device=device)
 
 
 SAMPLERS = {"compiled": compiled_sampler, "twin": shell_sample_reference}
@@ -43,6 +43,14 @@ def volume_fraction(x: torch.Tensor, d: int, r_inner: float, r_outer: float) -> 
     return (np.exp(d * (log_r - math.log(r_outer))) - q) / (1.0 - q)
 
 
+def radial_fraction(x: torch.Tensor, r_inner: float, r_outer: float) -> np.ndarray:
+    """(r - r_in) / (r_out - r_in): uniform on [0, 1] when the radius is uniform between the spheres."""
+    r = x.double().norm(dim=1).cpu().numpy()
+    return (r - r_inner) / (r_outer - r_inner)
+
+
+
+
 # (d, r_inner, r_outer): small and large d, a full ball, a thin shell, and radii whose d-th powers
 # overflow float64 at d = 512 (22.6^512 ~ 1e693) and underflow it (0.5^512... and 0.01^512).
 CASES = [(1, 0.5, 2.0), (2, 0.0, 1.0), (3, 1.0, 1.5), (16, 2.0, 4.0), (128, 10.0, 12.0),
@@ -51,16 +59,18 @@ CASES = [(1, 0.5, 2.0), (2, 0.0, 1.0), (3, 1.0, 1.5), (16, 2.0, 4.0), (128, 10.0
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["compiled", "twin"])
+@pytest.mark.parametrize("law", ["radial", "volume"])
 @pytest.mark.parametrize("d, r_inner, r_outer", CASES)
-def test_uniform_over_shell_volume(kind: str, device: str, d: int, r_inner: float, r_outer: float) -> None:
+def test_shell_law(kind: str, device: str, law: str, d: int, r_inner: float, r_outer: float) -> None:
     sample = sampler(kind, device)
     n = 4000
-    x = sample(n, d, r_inner, r_outer, generator=torch.Generator(device).manual_seed(1234 + d), device=device)
+    gen = torch.Generator(device).manual_seed(1234 + d)
+    x = sample(n, d, r_inner, r_outer, generator=gen, device=device, volume=law == "volume")
     assert x.shape == (n, d) and x.dtype == torch.float32 and x.device.type == device
     assert torch.isfinite(x).all()
     radius = x.double().norm(dim=1)
     assert (radius >= r_inner * (1 - 1e-5)).all() and (radius <= r_outer * (1 + 1e-5)).all()
-    t = volume_fraction(x, d, r_inner, r_outer)
+    t = radial_fraction(x, r_inner, r_outer) if law == "radial" else volume_fraction(x, d, r_inner, r_outer)
     assert stats.kstest(np.clip(t, 0.0, 1.0), "uniform").pvalue > 1e-3
     # Direction: isotropic. The mean unit vector is near 0 (each coordinate has std 1/sqrt(n d)) ...
     unit = (x.double() / radius.unsqueeze(1)).cpu()
@@ -72,31 +82,51 @@ def test_uniform_over_shell_volume(kind: str, device: str, d: int, r_inner: floa
         assert torch.allclose(unit.abs(), torch.ones_like(unit))
 
 
-def test_volume_test_has_power() -> None:
-    """The KS check above rejects a sampler whose radius is uniform (wrong for d > 1)."""
+def test_law_tests_have_power() -> None:
+    """Each KS check above rejects the other law (for d > 1), so the two are told apart."""
     gen = torch.Generator().manual_seed(0)
     d, r_in, r_out, n = 8, 1.0, 2.0, 4000
     direction = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
-    wrong = direction * (r_in + (r_out - r_in) * torch.rand(n, 1, generator=gen))
-    assert stats.kstest(volume_fraction(wrong, d, r_in, r_out), "uniform").pvalue < 1e-6
+    radial = direction * (r_in + (r_out - r_in) * torch.rand(n, 1, generator=gen))
+    assert stats.kstest(volume_fraction(radial, d, r_in, r_out), "uniform").pvalue < 1e-6
+    volume = shell_sample_reference(n, d, r_in, r_out, generator=gen, volume=True)
+    assert stats.kstest(radial_fraction(volume, r_in, r_out), "uniform").pvalue < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["compiled", "twin"])
+def test_default_law_leaves_inward_negatives_off_the_normal_sphere(kind: str) -> None:
+    """The defect the default fixes: in d = 128 an inward shell [0.5 r, r] drawn by VOLUME puts 99% of
+    the points above 0.96 r, i.e. on the normal codes; the default (radial) spreads them over the shell."""
+    sample = sampler(kind, "cpu")
+    d = 128
+    r = math.sqrt(d)
+    radial = sample(4000, d, 0.5 * r, r, generator=torch.Generator().manual_seed(2)).norm(dim=1) / r
+    volume = sample(4000, d, 0.5 * r, r, generator=torch.Generator().manual_seed(2), volume=True).norm(dim=1) / r
+    assert float(torch.quantile(volume, 0.01)) > 0.96
+    assert float(torch.quantile(radial, 0.5)) == pytest.approx(0.75, abs=0.02)
+    assert float(torch.quantile(radial, 0.1)) < 0.6
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_and_twin_are_statistically_equivalent(device: str) -> None:
     require_compiled(device)
     d, r_in, r_out, n = 64, 6.0, 9.0, 4000
-    a = compiled_sampler(n, d, r_in, r_out, generator=torch.Generator(device).manual_seed(5), device=device)
-    b = shell_sample_reference(n, d, r_in, r_out, generator=torch.Generator(device).manual_seed(6), device=device)
-    assert stats.ks_2samp(a.norm(dim=1).cpu().numpy(), b.norm(dim=1).cpu().numpy()).pvalue > 1e-3
-    assert stats.ks_2samp(a[:, 0].cpu().numpy(), b[:, 0].cpu().numpy()).pvalue > 1e-3
+    for volume in (False, True):
+        a = compiled_sampler(n, d, r_in, r_out, generator=torch.Generator(device).manual_seed(5), device=device,
+                             volume=volume)
+        b = shell_sample_reference(n, d, r_in, r_out, generator=torch.Generator(device).manual_seed(6), device=device,
+                                   volume=volume)
+        assert stats.ks_2samp(a.norm(dim=1).cpu().numpy(), b.norm(dim=1).cpu().numpy()).pvalue > 1e-3
+        assert stats.ks_2samp(a[:, 0].cpu().numpy(), b[:, 0].cpu().numpy()).pvalue > 1e-3
 
 
 def test_cpu_kernel_draws_like_the_twin() -> None:
     """On the CPU both take randn(n, d) then rand(n) from the generator: equal up to float rounding."""
     require_compiled("cpu")
-    a = compiled_sampler(64, 512, 20.0, 24.0, generator=torch.Generator().manual_seed(9))
-    b = shell_sample_reference(64, 512, 20.0, 24.0, generator=torch.Generator().manual_seed(9))
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for volume in (False, True):
+        a = compiled_sampler(64, 512, 20.0, 24.0, generator=torch.Generator().manual_seed(9), volume=volume)
+        b = shell_sample_reference(64, 512, 20.0, 24.0, generator=torch.Generator().manual_seed(9), volume=volume)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)

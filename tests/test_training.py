@@ -161,3 +161,31 @@ def test_cli_errors_are_one_line(tmp_path):
     assert proc.returncode == 1 and "no such checkpoint" in proc.stderr
     proc = run_cli("train", "--config", str(CPU_PRESET), "--epochs", "zero", check=False)
     assert proc.returncode == 2 and "invalid int value" in proc.stderr
+
+
+def test_model_selection_ranks_epochs_by_the_a_score_under_the_fitted_gaussian(monkeypatch):
+    """Defect 3: selection built its scorer with mu=0, sigma=1, so "AUROC-A" was AUROC-R. Epoch 1's
+    anomalies score unusually low AND high (A finds them, R does not); epoch 2's only a little high
+    (R ranks them better than A). The A-score must pick epoch 1."""
+    data = synthetic_data()
+    labels = np.array([0] * 40 + [1] * 20)
+    val = EvalSet(np.zeros((60, 32, 32, 1), np.uint8), labels, ())
+    rng = np.random.default_rng(0)
+    normal_val = 10 + rng.standard_normal(40)
+    scenarios = {
+        0: np.concatenate([normal_val, np.full(10, 4.0), np.full(10, 16.0)]),  # AUROC A ~1.0, R ~0.5
+        1: np.concatenate([normal_val, np.full(20, 11.3)]),  # AUROC R ~0.9, A lower
+    }
+    epoch = {"now": 0}
+
+    def fake_r_scores(scorer, images, batch_size=256):
+        if len(images) == len(val.images):
+            return scenarios[epoch["now"]]
+        return 10 + rng.standard_normal(len(images))  # the fit subset: N(10, 1)
+
+    monkeypatch.setattr(trainer_module, "r_scores", fake_r_scores)
+    t = Trainer(tiny_config("train.select_from_epoch=0"), ProtocolData(data.train, (), val, data.test))
+    for e in (0, 1):
+        epoch["now"] = e
+        t._select_model(e)
+    assert t.state.best_epoch == 0

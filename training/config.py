@@ -24,6 +24,8 @@ class ModelSection(Section):
     disc_width: int = Field(128, ge=1)
     spectral_norm: bool = True
     mirrored: bool = True  # False = the "w/o mirrored" ablation: D sees single images
+    gen_shortcut: Literal["conv", "identity"] = "conv"  # G up-block shortcut: learned 1x1 (authors) or identity
+    init: Literal["xavier", "default"] = "xavier"  # the authors' SNGAN xavier init of G and D, or PyTorch's
 
 
 class GradientPenaltySection(Section):
@@ -48,6 +50,8 @@ class NegativesSection(Section):
     mode: Literal["shell", "relative", "cube"] = "shell"
     direction: Literal["inward", "outward"] = "inward"
     radius: Literal["typical", "empirical"] | float = "typical"  # typical: sqrt(nz); empirical: batch median ||E(x)||
+    # shell radius law: uniform in [r_in, r_out] (the paper), or uniform over the shell's volume
+    radial: Literal["uniform", "volume"] = "uniform"
     delta: float = Field(0.5, gt=0)  # shell thickness as a fraction of the radius (cube: box margin)
     weight: float = Field(5.0, ge=0)  # lambda_neg
     start_epoch: int = Field(10, ge=0)  # 0-based: the paper starts at epoch 11
@@ -66,6 +70,10 @@ class LossSection(Section):
     interpolation: InterpolationSection = InterpolationSection()
     negatives: NegativesSection = NegativesSection()
     latent_reg: float = Field(1.0, ge=0)  # lambda_reg * mean ||E(x)||_2; 0 disables
+    # BatchNorm in the auxiliary E/G passes (negatives, interpolants): "running" = eval-mode statistics,
+    # left unchanged, so only normal reconstructions set what scoring uses; "batch" = their own batch
+    # statistics, which also move the running averages (the old behaviour)
+    aux_bn: Literal["running", "batch"] = "running"
 
 
 class OptimSection(Section):
@@ -114,4 +122,6 @@ class TrainConfig(AmaSettings):
             disc_width=self.model.disc_width,
             spectral_norm=self.model.spectral_norm,
             mirrored=self.model.mirrored,
+            gen_shortcut=self.model.gen_shortcut,
+            init=self.model.init,
         )

@@ -10,13 +10,17 @@ The negative term enters with a minus sign: E and G are pushed to reconstruct ne
 As in the authors' code, where negatives are samples of the batch labelled -l_neg, each negative
 weighs l_neg times a normal sample: the term's weight is l_neg * n_neg / B, not l_neg.
 E/G also pay l_reg * E||E(x)||_2 (normal samples only); the critic pays the gradient penalty.
-All critic evaluations of a step go through ONE forward pass over the concatenated pairs.
+All critic evaluations of a step go through ONE forward pass over the concatenated pairs; the E/G
+forward that builds them is one method used by both steps.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ama_stream.model import AMA, pair
 
@@ -78,14 +82,32 @@ def gradient_penalty(critic, real_pairs: torch.Tensor, fake_pairs: torch.Tensor,
     return ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
 
 
-def reconstruct_joint(model: AMA, x: torch.Tensor, x_neg: torch.Tensor | None):
-    """(codes of x, x_hat, x_neg_hat): one E and one G pass over normal + negative images,
-    so BatchNorm sees the same joint batch in the critic and the E/G steps."""
-    both = x if x_neg is None else torch.cat([x, x_neg])
-    codes_all = model.encoder(both)
-    recon_all = model.generator(codes_all)
-    b = x.shape[0]
-    return codes_all[:b], recon_all[:b], (recon_all[b:] if x_neg is not None else None)
+@contextmanager
+def running_batchnorm(*modules: nn.Module, enabled: bool = True):
+    """BatchNorm layers of `modules` normalise with their running statistics and leave them unchanged
+    (eval-mode BN, gradients still flow). Auxiliary passes -- decoding negatives, reconstructing them,
+    decoding interpolants -- run like this, so only normal reconstructions set the statistics that
+    scoring uses (the authors decode negatives with G in eval mode)."""
+    layers = [m for mod in modules for m in mod.modules() if isinstance(m, _BatchNorm) and m.training] if enabled else []
+    for m in layers:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.train()
+
+
+@dataclass
+class StepImages:
+    """Everything the critic scores in one step, from one forward through E and G."""
+
+    codes: torch.Tensor  # E(x) [B, nz]
+    x_hat: torch.Tensor  # G(E(x))
+    x_neg: torch.Tensor | None = None  # G(z_neg): fixed inputs, no gradient
+    x_neg_hat: torch.Tensor | None = None  # G(E(x_neg))
+    inter: torch.Tensor | None = None  # G(sum_i w_i E(x_i))
+    perms: torch.Tensor | None = None  # the images each interpolant is paired with
 
 
 class AMAObjective:
@@ -95,34 +117,59 @@ class AMAObjective:
         self.cfg = cfg
         self.mirrored = mirrored
         self.w_inter = cfg.interpolation.weight if cfg.interpolation.enabled else 0.0
+        self.aux_running = cfg.aux_bn == "running"
 
     def _w_neg(self, x: torch.Tensor, z_neg: torch.Tensor | None) -> float:
         return self.cfg.negatives.weight * z_neg.shape[0] / x.shape[0] if z_neg is not None else 0.0
 
-    def _partners(self, perms: torch.Tensor) -> torch.Tensor:
-        """The sources each interpolant is paired with: its own image, or all k sources."""
-        return perms if self.cfg.interpolation.pair_with == "all" else perms[:1]
+    def forward(self, model: AMA, x: torch.Tensor, z_neg: torch.Tensor | None,
+                generator: torch.Generator | None = None) -> StepImages:
+        """E and G over the normal batch (train-mode BN) and the auxiliary passes (see running_batchnorm).
+        With aux_bn "batch" (the old behaviour, kept to measure against) negatives are reconstructed in
+        one joint pass with x and the decodes use their own batch statistics."""
+        enc, gen = model.encoder, model.generator
+        x_neg = None
+        if z_neg is not None:
+            with torch.no_grad(), running_batchnorm(gen, enabled=self.aux_running):
+                x_neg = gen(z_neg)  # a fixed input image: E/G must not reconstruct it
+        if x_neg is not None and not self.aux_running:
+            codes_all = enc(torch.cat([x, x_neg]))
+            recon_all = gen(codes_all)
+            b = x.shape[0]
+            out = StepImages(codes_all[:b], recon_all[:b], x_neg, recon_all[b:])
+        else:
+            codes = enc(x)
+            out = StepImages(codes, gen(codes), x_neg)
+            if x_neg is not None:
+                with running_batchnorm(enc, gen):
+                    out.x_neg_hat = gen(enc(x_neg))
+        icfg = self.cfg.interpolation
+        if icfg.enabled:
+            mixed, perms = simplex_mix(out.codes, icfg.k, icfg.alpha_max, generator)
+            with running_batchnorm(gen, enabled=self.aux_running):
+                out.inter = gen(mixed)
+            out.perms = perms if icfg.pair_with == "all" else perms[:1]
+        return out
 
-    def _score(self, model: AMA, x, x_hat, inter_images, perms, x_neg, x_neg_hat, with_real: bool) -> PairScores:
+    def _score(self, model: AMA, x: torch.Tensor, im: StepImages, with_real: bool) -> PairScores:
         m = self.mirrored
-        chunks: list[torch.Tensor] = [pair(x, x_hat, m)]
+        chunks: list[torch.Tensor] = [pair(x, im.x_hat, m)]
         if with_real:
             chunks.append(pair(x, x, m))
-        if inter_images is not None:
-            chunks += [pair(x[p], inter_images, m) for p in perms]  # perms[0] is the identity
-        if x_neg is not None:
-            chunks.append(pair(x_neg, x_neg_hat, m))
+        if im.inter is not None:
+            chunks += [pair(x[p], im.inter, m) for p in im.perms]  # perms[0] is the identity
+        if im.x_neg is not None:
+            chunks.append(pair(im.x_neg, im.x_neg_hat, m))
             if with_real:
-                chunks.append(pair(x_neg, x_neg, m))
+                chunks.append(pair(im.x_neg, im.x_neg, m))
         out = model.discriminator(torch.cat(chunks, dim=0))
-        sizes = [c.shape[0] for c in chunks]
-        parts = list(torch.split(out, sizes))
+        parts = list(torch.split(out, [c.shape[0] for c in chunks]))
         scores = PairScores(recon=parts.pop(0))
         if with_real:
             scores.real = parts.pop(0)
-        if inter_images is not None:
-            scores.inter = torch.stack([parts.pop(0) for _ in range(len(perms))])
-        if x_neg is not None:
+        if im.inter is not None:
+            scores.inter = torch.stack([parts.pop(0) for _ in range(len(im.perms))])
+        if im.x_neg is not None:
             scores.neg_recon = parts.pop(0)
             if with_real:
                 scores.neg_real = parts.pop(0)
@@ -131,22 +178,14 @@ class AMAObjective:
     def critic_loss(self, model: AMA, x: torch.Tensor, z_neg: torch.Tensor | None,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """-V (+ gradient penalty); E and G are held fixed (no graph through them)."""
-        icfg = self.cfg.interpolation
         with torch.no_grad():
-            x_neg = model.generator(z_neg) if z_neg is not None else None
-            codes, x_hat, x_neg_hat = reconstruct_joint(model, x, x_neg)
-            inter_images, perms = None, None
-            if icfg.enabled:
-                mixed, perms = simplex_mix(codes, icfg.k, icfg.alpha_max, generator)
-                inter_images = model.generator(mixed)
-                perms = self._partners(perms)
-        scores = self._score(model, x, x_hat, inter_images, perms, x_neg, x_neg_hat, with_real=True)
-        value = game_value(scores, self.w_inter, self._w_neg(x, z_neg))
-        loss = -value
+            im = self.forward(model, x, z_neg, generator)
+        scores = self._score(model, x, im, with_real=True)
+        loss = -game_value(scores, self.w_inter, self._w_neg(x, z_neg))
         logs = {"wasserstein": float((scores.real.mean() - scores.recon.mean()).detach())}
         gp_cfg = self.cfg.gradient_penalty
         if gp_cfg.enabled and gp_cfg.weight > 0:
-            gp = gradient_penalty(model.discriminator, pair(x, x, self.mirrored), pair(x, x_hat, self.mirrored), generator)
+            gp = gradient_penalty(model.discriminator, pair(x, x, self.mirrored), pair(x, im.x_hat, self.mirrored), generator)
             loss = loss + gp_cfg.weight * gp
             logs["gp"] = float(gp.detach())
         logs["loss_d"] = float(loss.detach())
@@ -155,22 +194,12 @@ class AMAObjective:
     def autoencoder_loss(self, model: AMA, x: torch.Tensor, z_neg: torch.Tensor | None,
                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """V restricted to the terms that depend on E and G, plus the latent regulariser."""
-        icfg = self.cfg.interpolation
-        x_neg = None
-        if z_neg is not None:
-            with torch.no_grad():
-                x_neg = model.generator(z_neg)  # a fixed input image: E/G must not reconstruct it
-        codes, x_hat, x_neg_hat = reconstruct_joint(model, x, x_neg)
-        inter_images, perms = None, None
-        if icfg.enabled:
-            mixed, perms = simplex_mix(codes, icfg.k, icfg.alpha_max, generator)
-            inter_images = model.generator(mixed)
-            perms = self._partners(perms)
-        scores = self._score(model, x, x_hat, inter_images, perms, x_neg, x_neg_hat, with_real=False)
+        im = self.forward(model, x, z_neg, generator)
+        scores = self._score(model, x, im, with_real=False)
         loss = game_value(scores, self.w_inter, self._w_neg(x, z_neg))
         logs = {"d_recon": float(scores.recon.mean().detach())}
         if self.cfg.latent_reg > 0:
-            reg = codes.norm(dim=1).mean()
+            reg = im.codes.norm(dim=1).mean()
             loss = loss + self.cfg.latent_reg * reg
             logs["latent_norm"] = float(reg.detach())
         logs["loss_g"] = float(loss.detach())

@@ -1,8 +1,11 @@
 """Atypical selection: latent codes away from where the encoder puts normal data.
 
 Modes (DESIGN.md section 3):
-- shell:    uniform over the volume between radii r and r(1 -/+ delta); r = sqrt(nz) ("typical",
-            the typical-set radius of N(0, I)), the batch's median ||E(x)|| ("empirical"), or a number.
+- shell:    between the spheres of radii r and r(1 -/+ delta): a uniform direction and a radius uniform
+            in that interval (radial: uniform, the paper's "uniformly between spheres"), or uniform over
+            the shell's volume (radial: volume; in nz >= 64 that is nearly the outer sphere, i.e. the
+            normal codes for `inward`). r = sqrt(nz) ("typical", the typical-set radius of N(0, I)),
+            the batch's median ||E(x)|| ("empirical"), or a number.
 - relative: the authors' code: alpha * E(x) (inward) or E(x) / alpha (outward), alpha ~ U(0, delta).
 - cube:     Sipple (2020) baseline: uniform in the batch codes' bounding box widened by delta per side.
 """
@@ -42,7 +45,7 @@ def sample_negatives(cfg: NegativesSection, n: int, nz: int, codes: torch.Tensor
         raise ValueError(f"negatives mode {cfg.mode!r} with radius {cfg.radius!r} needs the batch's codes")
     if cfg.mode == "shell":
         r_in, r_out = shell_radii(cfg, nz, codes)
-        return ops.shell_sample(n, nz, r_in, r_out, generator=generator).to(device)
+        return ops.shell_sample(n, nz, r_in, r_out, generator=generator, volume=cfg.radial == "volume").to(device)
     codes = codes.detach()
     if cfg.mode == "relative":
         idx = torch.randint(codes.shape[0], (n,), generator=generator)

@@ -162,20 +162,21 @@ class Trainer:
         return self.finish()
 
     def _select_model(self, epoch: int) -> None:
-        """The paper's protocol: keep the epoch with the best validation AUROC on labelled anomalies."""
+        """The paper's protocol: keep the epoch with the best validation AUROC of the A-score on labelled
+        anomalies, the A-score under the mu/sigma fitted at this epoch (as the checkpoint will carry)."""
         val = self.data.val
         if val is None or int(np.sum(val.labels)) == 0 or epoch < self.cfg.train.select_from_epoch:
             return
-        scorer = self._scorer(mu=0.0, sigma=1.0)
-        fit_r = r_scores(scorer, self._fit_subset())
-        mu, sigma = fit_gaussian(fit_r)
-        scorer.mu, scorer.sigma = mu, sigma
-        metrics = detection_metrics(r_scores(scorer, val.images), val.labels, self._calibration(scorer))
+        scorer = self._scorer(mu=0.0, sigma=1.0)  # R does not depend on mu/sigma
+        fit_images = self._fit_subset()
+        mu, sigma = fit_gaussian(r_scores(scorer, fit_images))
+        calibration = Calibration.from_checkpoint(self._checkpoint(mu, sigma, len(fit_images)))
+        metrics = detection_metrics(r_scores(scorer, val.images), val.labels, calibration)
         if metrics["auroc_a"] > self.state.best_score:
             self.state.best_score, self.state.best_epoch = metrics["auroc_a"], epoch
             self.best_weights = copy.deepcopy(self.model.state_dict())
-        log.info("epoch %d validation AUROC-A %.4f (best %.4f at epoch %d)", epoch + 1, metrics["auroc_a"],
-                 self.state.best_score, self.state.best_epoch + 1)
+        log.info("epoch %d validation AUROC-A %.4f, AUROC-R %.4f (best A %.4f at epoch %d)", epoch + 1,
+                 metrics["auroc_a"], metrics["auroc_r"], self.state.best_score, self.state.best_epoch + 1)
 
     # ----- outputs --------------------------------------------------------------------------
     def _checkpoint(self, mu: float, sigma: float, n: int, metrics: dict | None = None) -> Checkpoint:
@@ -192,10 +193,6 @@ class Trainer:
 
     def _scorer(self, mu: float, sigma: float) -> Scorer:
         return Scorer(self._checkpoint(mu, sigma, 0), device=self.device)
-
-    @staticmethod
-    def _calibration(scorer: Scorer) -> Calibration:
-        return Calibration.from_checkpoint(scorer.checkpoint)
 
     def _fit_subset(self) -> np.ndarray:
         n = min(len(self.train_images), self.cfg.train.fit_max_images)
@@ -215,7 +212,8 @@ class Trainer:
         test = self.data.test
         if test is not None and len(test.labels):
             scorer = Scorer(ckpt, device=self.device)
-            metrics.update(detection_metrics(r_scores(scorer, test.images), test.labels, self._calibration(scorer)))
+            calibration = Calibration.from_checkpoint(ckpt)
+            metrics.update(detection_metrics(r_scores(scorer, test.images), test.labels, calibration))
             log.info("test: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         ckpt.metrics = metrics
         if self.out_dir:

@@ -50,8 +50,11 @@ def shell_sample(
     r_outer: float,
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
+    volume: bool = False,
 ) -> torch.Tensor:
-    """n points uniform over the volume between the spheres of radii r_inner <= r_outer in R^d, [n, d] float32.
+    """n points of the shell between the spheres of radii r_inner <= r_outer in R^d, [n, d] float32:
+    a uniform direction and a radius uniform in [r_inner, r_outer] (the paper's law), or with
+    `volume` uniform over the shell's volume (in d >= 64 nearly all on the outer sphere).
 
     The output lives on `device`, else on the generator's device, else on the CPU (a generator and
     a device that disagree are an error). Draws come from `generator`, else from that device's
@@ -59,10 +62,12 @@ def shell_sample(
     compiled kernels and the twin are statistically equivalent, not bit-identical.
     """
     n, d, r_inner, r_outer = check_shell_sample_args(n, d, r_inner, r_outer)
+    if not isinstance(volume, bool):
+        raise TypeError(f"shell_sample: volume must be a bool, got {type(volume).__name__}")
     target = resolve_sample_device(generator, device)
     if target.type not in _compiled.DEVICES:
-        return shell_sample_reference(n, d, r_inner, r_outer, generator=generator, device=target)
-    return torch.ops.ama.shell_sample(n, d, r_inner, r_outer, generator=generator, device=target)
+        return shell_sample_reference(n, d, r_inner, r_outer, generator=generator, device=target, volume=volume)
+    return torch.ops.ama.shell_sample(n, d, r_inner, r_outer, volume=volume, generator=generator, device=target)
 
 
 if _compiled.LOAD_ERROR is None:

@@ -45,7 +45,7 @@ def _register_fakes() -> None:
         return (*pair_outputs(h), features)
 
     @torch.library.register_fake("ama::shell_sample")
-    def _shell_sample_fake(n, d, r_inner, r_outer, *, generator=None, device=None):
+    def _shell_sample_fake(n, d, r_inner, r_outer, *, volume=False, generator=None, device=None):
         if device is None:
             device = generator.device if generator is not None else torch.device("cpu")
         return torch.empty((n, d), dtype=torch.float32, device=device)

@@ -35,13 +35,16 @@ def shell_sample_reference(
     r_outer: float,
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
+    volume: bool = False,
 ) -> torch.Tensor:
-    """n points uniform over the volume between spheres of radii r_inner <= r_outer in R^d, [n, d] float32.
+    """n points of the shell between spheres of radii r_inner <= r_outer in R^d, [n, d] float32.
 
-    Direction: a normalised Gaussian. Radius: r^d uniform on [r_in^d, r_out^d], i.e.
-    r = r_out * (q + u (1 - q))^(1/d) with q = (r_in / r_out)^d and u ~ U(0, 1], evaluated in log
-    space so that d = 512 neither overflows nor underflows. Output device: `device`, else the
-    generator's, else the CPU; draws from `generator` or that device's default generator.
+    Direction: a normalised Gaussian. Radius: uniform on [r_in, r_out] (the paper's "uniformly
+    between spheres"), or with `volume` uniform over the shell's volume: r^d uniform on
+    [r_in^d, r_out^d], i.e. r = r_out * (q + u (1 - q))^(1/d) with q = (r_in / r_out)^d and
+    u ~ U(0, 1], evaluated in log space so that d = 512 neither overflows nor underflows. Output
+    device: `device`, else the generator's, else the CPU; draws from `generator` or that device's
+    default generator.
     """
     n, d, r_inner, r_outer = check_shell_sample_args(n, d, r_inner, r_outer)
     device = resolve_sample_device(generator, device)
@@ -50,6 +53,9 @@ def shell_sample_reference(
     if r_outer == 0:
         return direction * 0.0
     u = 1.0 - torch.rand(n, generator=generator, device=device, dtype=torch.float64)  # (0, 1]: finite log
-    q = math.exp(d * (math.log(r_inner) - math.log(r_outer))) if r_inner > 0 else 0.0  # underflows to 0 harmlessly
-    radius = torch.exp(math.log(r_outer) + torch.log(q + u * (1.0 - q)) / d).clamp(r_inner, r_outer)
-    return direction * radius.float().unsqueeze(1)
+    if volume:
+        q = math.exp(d * (math.log(r_inner) - math.log(r_outer))) if r_inner > 0 else 0.0  # underflows to 0 harmlessly
+        radius = torch.exp(math.log(r_outer) + torch.log(q + u * (1.0 - q)) / d)
+    else:
+        radius = r_inner + u * (r_outer - r_inner)
+    return direction * radius.clamp(r_inner, r_outer).float().unsqueeze(1)

@@ -1,7 +1,7 @@
 // CPU kernel of ama::shell_sample. The Gaussian coordinates and the radial uniforms come from ATen's
 // own (vectorised) normal_ and uniform_ fills on the CPU generator -- the default one, seeded by
 // torch.manual_seed, unless one is passed -- so a seed fixes the samples. The kernel then does the
-// rest in one parallel pass per row: the norm (in float64), the shell radius in log space, the scaling.
+// rest in one parallel pass per row: the norm (in float64), the shell radius, the scaling.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +20,7 @@ at::Tensor shell_sample_cpu(
     int64_t d,
     double r_inner,
     double r_outer,
+    bool volume,
     std::optional<at::Generator> generator,
     std::optional<at::Device> device) {
   check_shell_sample_args(n, d, r_inner, r_outer);
@@ -31,7 +32,7 @@ at::Tensor shell_sample_cpu(
   u.uniform_(0.0, 1.0, generator);
   float* data = out.data_ptr<float>();
   const double* uniform = u.const_data_ptr<double>();
-  const ShellRadius radius(d, r_inner, r_outer);
+  const ShellRadius radius(d, r_inner, r_outer, volume);
   const int64_t grain = std::max<int64_t>(1, 32768 / d);
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {

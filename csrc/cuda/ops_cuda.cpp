@@ -58,6 +58,7 @@ at::Tensor shell_sample_cuda(
     int64_t d,
     double r_inner,
     double r_outer,
+    bool volume,
     std::optional<at::Generator> generator,
     std::optional<at::Device> device) {
   check_shell_sample_args(n, d, r_inner, r_outer);
@@ -86,7 +87,7 @@ at::Tensor shell_sample_cuda(
     philox = gen->philox_cuda_state(static_cast<uint64_t>(4 * n * cuda::shell_sample_blocks_per_row(d)));
   }
   C10_CUDA_CHECK(cuda::launch_shell_sample(
-      out.data_ptr<float>(), n, d, ShellRadius(d, r_inner, r_outer), philox, c10::cuda::getCurrentCUDAStream()));
+      out.data_ptr<float>(), n, d, ShellRadius(d, r_inner, r_outer, volume), philox, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
