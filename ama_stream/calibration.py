@@ -525,6 +525,20 @@ class CalibrationFitter:
         return Calibration(model_id, global_entry, policy, cameras, source=source), notes
 
 
+def fit_calibration(r: np.ndarray, model_id: str, policy: Policy = Policy(),
+                    source: Mapping[str, Any] | None = None, max_sample: int = DEFAULT_MAX_SAMPLE,
+                    seed: int = 0) -> Calibration:
+    """The calibration of R-scores of known-normal images in one call (what `ama-stream calibrate` fits).
+
+    >>> cal = fit_calibration(scorer.score_images(good_images).r, scorer.model_id, Policy("upper", 0.01))
+    >>> cal.decide(scorer.score_images(new_images).r).anomaly
+    """
+    fitter = CalibrationFitter(max_sample=max_sample, seed=seed)
+    fitter.update(r)
+    calibration, _ = fitter.finish(model_id, policy, dict(source or {"spec": "fit_calibration"}))
+    return calibration
+
+
 def _entry_from(stats: RunningStats, what: str) -> Entry:
     if stats.n < 2:
         raise CalibrationError(f"{what}: need at least 2 finite R-scores to calibrate, got {stats.n}")

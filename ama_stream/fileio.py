@@ -18,15 +18,32 @@ def read_file_bytes(path: Path, what: str, error: type[Exception]) -> bytes:
         raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
 
 
+def _current_umask() -> int:
+    """The process umask. Linux shows it in /proc (read-only, thread-safe); elsewhere it can only
+    be read by setting it, briefly."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temporary file in the same folder + fsync + rename.
 
-    Readers (e.g. an agent watching the file) see the old content or the new one, never a mix.
+    Readers (e.g. an agent watching the file) see the old content or the new one, never a mix. The
+    file gets the mode a plain open() would give it (0666 less the umask, so 0644 by default):
+    mkstemp's 0600 would hide model.pt from a service running as another user.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

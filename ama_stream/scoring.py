@@ -148,6 +148,12 @@ class Scorer:
         to_np = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
         return Scores(to_np(r), to_np(z), to_np(log_a))
 
+    @torch.inference_mode()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """G(E(x)) for model inputs x [B, C, S, S] in [-1, 1], float32 on the CPU (for reports)."""
+        x = x.to(self.device).contiguous(memory_format=self._memory_format)
+        return self.model.generator(self.model.encoder(x)).float().cpu().contiguous()
+
     def score_images(self, images, mu: float | None = None, sigma: float | None = None) -> Scores:
         return self.score_tensor(self.prepare(images), mu, sigma)
 

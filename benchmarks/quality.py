@@ -1,9 +1,16 @@
 """Run a training preset end to end (train -> fit mu/sigma -> evaluate the protocol's test set) and
 append one row per seed to docs/results.md (and benchmarks/results/quality.jsonl).
 
-    python benchmarks/quality.py --config configs/fmnist_vs_mnist_cpu.yaml --seeds 0
+    python benchmarks/quality.py --config configs/fmnist_vs_mnist_cpu.yaml --seeds 0,1,2
     python benchmarks/quality.py --config configs/fmnist_vs_mnist_cpu.yaml --seeds 0 \
         --label "w/o mirrored" --set model.mirrored=false
+    python benchmarks/quality.py --config configs/fmnist_vs_mnist_cpu.yaml --seeds 0 \
+        --baseline pca --baseline autoencoder --holdout folder:cifar10-jpeg/test
+
+--baseline runs PCA and/or the plain E+G autoencoder (training/baselines.py) on the same training
+and test images in the same run. --holdout scores a second anomaly set, never used for tuning,
+against the same normal test images. Each row also holds recall at the operating false-alarm
+rates (training/evaluate.py operating_points).
 
 Not a test: it measures. Rows record the commit, so numbers stay attributable.
 """
@@ -22,7 +29,13 @@ sys.path.insert(0, str(REPO))
 
 from ama_stream.logs import configure_logging  # noqa: E402
 from ama_stream.settings import load_settings, parse_overrides  # noqa: E402
+from ama_stream.calibration import Calibration  # noqa: E402
+from ama_stream.scoring import Scorer  # noqa: E402
+from ama_stream.sources import parse_source, resolve_data_root  # noqa: E402
+from training.baselines import autoencoder_baseline, pca_baseline  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
+from training.datasets import build_protocol, build_test_set  # noqa: E402
+from training.evaluate import detection_metrics, r_scores  # noqa: E402
 from training.trainer import train  # noqa: E402
 
 RESULTS_MD = REPO / "docs" / "results.md"
@@ -44,10 +57,12 @@ def commit() -> str:
         return "unknown"
 
 
-def append_row(row: dict) -> None:
+def append_row(row: dict, markdown: bool = True) -> None:
     RESULTS_JSONL.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS_JSONL.open("a") as f:
         f.write(json.dumps(row) + "\n")
+    if not markdown:
+        return
     if not RESULTS_MD.exists() or "| date | commit |" not in RESULTS_MD.read_text():
         with RESULTS_MD.open("a") as f:
             f.write("\n## Runs (appended by benchmarks/quality.py)\n\n" + HEADER)
@@ -65,21 +80,37 @@ def main() -> int:
     p.add_argument("--label", default="full", help="variant name for the table (e.g. 'w/o mirrored')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=str(REPO / "runs" / "quality"))
+    p.add_argument("--no-md", action="store_true", help="record in quality.jsonl only (exploratory sweeps)")
+    p.add_argument("--baseline", action="append", default=[], choices=["pca", "autoencoder"],
+                   help="also run this baseline on the same images (repeatable)")
+    p.add_argument("--holdout", metavar="SOURCE", help="a second anomaly set scored against the same normal test images")
     args = p.parse_args()
     configure_logging("INFO")
     preset = Path(args.config).stem
+    metric_keys = ("auroc_a", "auroc_r", "aupr_a", "aupr_r", "f1_a", "far_a", "n_normal", "n_anomaly")
     for seed in [int(s) for s in args.seeds.split(",")]:
         cfg = load_settings(TrainConfig, args.config, parse_overrides(args.set + [f"seed={seed}"]))
+        data_root = resolve_data_root(cfg.data_root)
+        data = build_protocol(cfg.data, data_root, seed)
         out = Path(args.out) / f"{preset}-{args.label.replace(' ', '_').replace('/', '')}-seed{seed}"
         t0 = time.monotonic()
-        ckpt = train(cfg, out_dir=out)
+        ckpt = train(cfg, out_dir=out, data=data)
         wall = time.monotonic() - t0
         m = ckpt.metrics
         row = {"date": date.today().isoformat(), "commit": commit(), "preset": preset, "variant": args.label,
                "overrides": args.set, "seed": seed, "steps": m["steps"], "wall_s": round(wall, 1),
-               **{k: m[k] for k in ("auroc_a", "auroc_r", "aupr_a", "aupr_r", "f1_a", "far_a", "n_normal",
-                                    "n_anomaly")}}
-        append_row(row)
+               **{k: m[k] for k in metric_keys},
+               **{k: v for k, v in m.items() if k.startswith(("recall_", "far_"))}}
+        if args.holdout:
+            test = build_test_set(cfg.data, data_root, seed, anomaly=parse_source(args.holdout))
+            hold = detection_metrics(r_scores(Scorer(ckpt, device=cfg.device), test.images), test.labels,
+                                     Calibration.from_checkpoint(ckpt))
+            row["holdout"] = {"source": args.holdout, **{k: hold[k] for k in ("auroc_a", "auroc_r", "n_anomaly")}}
+        if "pca" in args.baseline:
+            row["pca"] = pca_baseline(data.train, data.test.images, data.test.labels, seed)
+        if "autoencoder" in args.baseline:
+            row["autoencoder"] = autoencoder_baseline(cfg, data.train, data.test.images, data.test.labels, m["steps"])
+        append_row(row, markdown=not args.no_md)
         print(json.dumps(row))
     return 0
 

@@ -223,3 +223,25 @@ def test_auxiliary_passes_still_train_e_and_g():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.generator.parameters())
     assert im.x_neg is not None and not im.x_neg.requires_grad  # negatives are fixed inputs
+
+
+def test_gradient_penalty_on_a_subset_of_the_batch():
+    """gradient_penalty.samples estimates the penalty on that many interpolates (the CPU presets' cost)."""
+    model = _tiny_model().eval()
+    x = torch.rand(8, 1, 16, 16) * 2 - 1
+    seen = []
+    original = gradient_penalty
+
+    def spy(critic, real, fake, generator=None):
+        seen.append(real.shape[0])
+        return original(critic, real, fake, generator)
+
+    import training.losses as losses_module
+    losses_module.gradient_penalty, saved = spy, losses_module.gradient_penalty
+    try:
+        for samples, expected in ((3, 3), (None, 8), (100, 8)):
+            cfg = LossSection(gradient_penalty={"samples": samples}, interpolation={"enabled": False})
+            _, logs = AMAObjective(cfg, mirrored=True).critic_loss(model, x, None, torch.Generator().manual_seed(0))
+            assert seen[-1] == expected and logs["gp"] >= 0
+    finally:
+        losses_module.gradient_penalty = saved

@@ -31,6 +31,9 @@ class ModelSection(Section):
 class GradientPenaltySection(Section):
     enabled: bool = True
     weight: float = Field(10.0, ge=0)
+    # interpolates per step the penalty is estimated on (a random subset of the batch; None = all):
+    # the double backward is the costly part on CPUs, and a subset is still an unbiased estimate
+    samples: int | None = Field(None, ge=1)
 
 
 class InterpolationSection(Section):

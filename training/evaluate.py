@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from ama_stream.calibration import Calibration
+from ama_stream.calibration import Calibration, Policy, fit_calibration
 from ama_stream.preprocess import to_tensor
 from ama_stream.scoring import Scorer
 
@@ -56,6 +56,78 @@ def detection_metrics(r: np.ndarray, labels: np.ndarray, calibration: Calibratio
     }
 
 
+def good_only_metrics(scorer: Scorer, images: np.ndarray, r: np.ndarray, calibration: Calibration,
+                      batch_size: int = 256) -> dict:
+    """What held-out normal images tell without any anomaly: how often the checkpoint's rule would
+    raise a false alarm on them, the spread of their R-scores against the training fit, and how
+    well they are reconstructed (mean |x - G(E(x))| in [0, 2] units)."""
+    if len(r) == 0:
+        return {}
+    d = calibration.decide(r)
+    l1 = [float((scorer.reconstruct(x) - x).abs().mean(dim=(1, 2, 3)).sum())
+          for x in (to_tensor(images[i : i + batch_size]) for i in range(0, len(images), batch_size))]
+    q = np.quantile(r, [0.01, 0.5, 0.99])
+    return {
+        "holdout_n": int(len(r)),
+        "holdout_far_checkpoint": float(d.anomaly.mean()),
+        "holdout_r_mean": float(np.mean(r)),
+        "holdout_r_std": float(np.std(r)),
+        "holdout_r_p01": float(q[0]), "holdout_r_p50": float(q[1]), "holdout_r_p99": float(q[2]),
+        "holdout_z_mean": float(np.mean(d.z)),
+        "holdout_z_std": float(np.std(d.z)),
+        "holdout_recon_l1": sum(l1) / len(r),
+    }
+
+
+OPERATING_FPRS = (0.01, 0.001)  # the false-alarm rates users run at
+OPERATING_POLICIES = ("upper", "two-sided")
+
+
+def operating_points(r: np.ndarray, labels: np.ndarray, model_id: str = "", seed: int = 0,
+                     fprs=OPERATING_FPRS, policies=OPERATING_POLICIES) -> dict:
+    """Recall and measured false-alarm rate at thresholds fitted on held-out normal frames, as
+    `ama-stream calibrate` fits them: the normal test images are split into two seeded halves, one
+    fits the calibration (policy, target FPR), the other half and every anomaly are decided by it.
+
+    Keys: recall_<policy>@<fpr> (share of anomalies that alert) and far_<policy>@<fpr> (share of the
+    unseen normal half that alerts: it should be near the target).
+    """
+    labels = np.asarray(labels).astype(int)
+    normal = np.flatnonzero(labels == 0)
+    order = np.random.default_rng(seed).permutation(normal)
+    fit_idx, held_normal = order[: len(order) // 2], order[len(order) // 2:]
+    anomalies = np.flatnonzero(labels == 1)
+    out: dict = {"operating_fit_normal": int(fit_idx.size), "operating_eval_normal": int(held_normal.size)}
+    if fit_idx.size < 2 or held_normal.size == 0 or anomalies.size == 0:
+        return out
+    for policy in policies:
+        for fpr in fprs:
+            calibration = fit_calibration(r[fit_idx], model_id, Policy(policy, fpr))
+            out[f"recall_{policy}@{fpr:g}"] = float(calibration.decide(r[anomalies]).anomaly.mean())
+            out[f"far_{policy}@{fpr:g}"] = float(calibration.decide(r[held_normal]).anomaly.mean())
+    return out
+
+
+def full_metrics(r: np.ndarray, labels: np.ndarray, calibration: Calibration, seed: int = 0) -> dict:
+    """detection_metrics plus the operating points: what `evaluate` and the trainer report."""
+    return {**detection_metrics(r, labels, calibration), **operating_points(r, labels, calibration.model_id, seed)}
+
+
 def evaluate_scorer(scorer: Scorer, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> dict:
     r = r_scores(scorer, images, batch_size)
-    return detection_metrics(r, labels, Calibration.from_checkpoint(scorer.checkpoint))
+    return full_metrics(r, labels, Calibration.from_checkpoint(scorer.checkpoint))
+
+
+def human_table(metrics: dict) -> str:
+    """A short table for a person (stderr), beside the JSON line for scripts (stdout)."""
+    lines = [f"{'':24}{'A-score':>10}{'R-score':>10}"]
+    for label, key in (("AUROC", "auroc"), ("AUPR", "aupr")):
+        if f"{key}_a" in metrics:
+            lines.append(f"{label:24}{metrics[key + '_a']:>10.4f}{metrics[key + '_r']:>10.4f}")
+    for fpr in OPERATING_FPRS:
+        a, r = metrics.get(f"recall_two-sided@{fpr:g}"), metrics.get(f"recall_upper@{fpr:g}")
+        if a is not None and r is not None:
+            lines.append(f"{f'recall at {fpr:g} false alarms':24}{a:>10.4f}{r:>10.4f}")
+    if "n_normal" in metrics:
+        lines.append(f"test images: {metrics['n_normal']} normal, {metrics['n_anomaly']} anomalies")
+    return "\n".join(lines)

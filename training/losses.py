@@ -185,7 +185,12 @@ class AMAObjective:
         logs = {"wasserstein": float((scores.real.mean() - scores.recon.mean()).detach())}
         gp_cfg = self.cfg.gradient_penalty
         if gp_cfg.enabled and gp_cfg.weight > 0:
-            gp = gradient_penalty(model.discriminator, pair(x, x, self.mirrored), pair(x, im.x_hat, self.mirrored), generator)
+            xs, x_hats = x, im.x_hat
+            if gp_cfg.samples is not None and gp_cfg.samples < x.shape[0]:
+                idx = torch.randperm(x.shape[0], generator=generator)[: gp_cfg.samples].to(x.device)
+                xs, x_hats = x[idx], x_hats[idx]
+            gp = gradient_penalty(model.discriminator, pair(xs, xs, self.mirrored), pair(xs, x_hats, self.mirrored),
+                                  generator)
             loss = loss + gp_cfg.weight * gp
             logs["gp"] = float(gp.detach())
         logs["loss_d"] = float(loss.detach())

@@ -7,6 +7,7 @@ train_state.pt (weights + optimiser/scheduler/RNG state, rewritten every epoch) 
 from __future__ import annotations
 
 import copy
+import csv
 import io
 import json
 import logging
@@ -28,7 +29,7 @@ from ama_stream.sources import resolve_data_root
 
 from .config import TrainConfig
 from .datasets import ProtocolData, build_protocol
-from .evaluate import detection_metrics, fit_gaussian, r_scores
+from .evaluate import detection_metrics, fit_gaussian, full_metrics, good_only_metrics, r_scores
 from .losses import AMAObjective
 from .negatives import needs_codes, sample_negatives
 
@@ -133,6 +134,8 @@ class Trainer:
         log.info("training on %s: %d images, batch %d, %d steps/epoch, %d steps in all (%d done)",
                  self.device, len(self.train_images), cfg.batch_size, per_epoch, total, self.state.step)
         t0, step0 = time.monotonic(), self.state.step
+        if step0 == 0 and self.out_dir:
+            (self.out_dir / "metrics.csv").unlink(missing_ok=True)  # a fresh run into an old folder
         while self.state.epoch < cfg.epochs and self.state.step < total:
             epoch = self.state.epoch
             self.model.train()
@@ -146,6 +149,7 @@ class Trainer:
                 logs = self.train_step(x, epoch)
                 self.state.step += 1
                 if self.state.step % cfg.log_every == 0 or self.state.step == total:
+                    self._record(epoch, logs, time.monotonic() - t0)
                     rate = (self.state.step - step0) / max(time.monotonic() - t0, 1e-9)
                     eta = (total - self.state.step) / max(rate, 1e-9)
                     log.info("epoch %d/%d step %d/%d %s | %.2f step/s, eta %.0fs", epoch + 1, cfg.epochs,
@@ -179,6 +183,24 @@ class Trainer:
                  metrics["auroc_a"], metrics["auroc_r"], self.state.best_score, self.state.best_epoch + 1)
 
     # ----- outputs --------------------------------------------------------------------------
+    def _record(self, epoch: int, logs: dict[str, float], elapsed: float) -> None:
+        """Append the logged values to OUT/metrics.csv (the report's loss curves)."""
+        if not self.out_dir:
+            return
+        row = {"step": self.state.step, "epoch": epoch + 1, "elapsed_s": round(elapsed, 2), **logs}
+        path = self.out_dir / "metrics.csv"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        exists = path.exists()
+        fields = list(row)
+        if exists:  # a resumed run keeps the columns it started with
+            with path.open(newline="") as f:
+                fields = next(csv.reader(f), None) or fields
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if not exists:
+                writer.writeheader()
+            writer.writerow(row)
+
     def _checkpoint(self, mu: float, sigma: float, n: int, metrics: dict | None = None) -> Checkpoint:
         return Checkpoint(
             model=self.model_cfg,
@@ -203,27 +225,55 @@ class Trainer:
         """Fit mu/sigma of the training R-scores, evaluate on the test protocol, write outputs."""
         scorer = self._scorer(mu=0.0, sigma=1.0)
         fit_images = self._fit_subset()
-        mu, sigma = fit_gaussian(r_scores(scorer, fit_images))
+        r_fit = r_scores(scorer, fit_images)
+        mu, sigma = fit_gaussian(r_fit)
         log.info("training R-scores: mu=%.6g sigma=%.6g (n=%d)", mu, sigma, len(fit_images))
         ckpt = self._checkpoint(mu, sigma, len(fit_images))
-        metrics = {"epochs": self.state.epoch, "steps": self.state.step}
+        metrics: dict = {"epochs": self.state.epoch, "steps": self.state.step}
         if self.state.best_epoch >= 0:
             metrics["selected_epoch"] = self.state.best_epoch + 1
         test = self.data.test
-        if test is not None and len(test.labels):
-            scorer = Scorer(ckpt, device=self.device)
-            calibration = Calibration.from_checkpoint(ckpt)
-            metrics.update(detection_metrics(r_scores(scorer, test.images), test.labels, calibration))
-            log.info("test: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        scorer = Scorer(ckpt, device=self.device)
+        calibration = Calibration.from_checkpoint(ckpt)
+        r_test = r_scores(scorer, test.images) if test is not None and len(test.labels) else np.zeros(0)
+        if test is not None and test.n_normal:
+            metrics.update(good_only_metrics(scorer, test.images[test.labels == 0], r_test[test.labels == 0], calibration))
+        if test is not None and test.n_normal and test.n_anomaly:
+            metrics.update(full_metrics(r_test, test.labels, calibration, self.cfg.seed))
+        log.info("test: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         ckpt.metrics = metrics
-        if self.out_dir:
-            save_checkpoint(ckpt, self.out_dir / "model.pt")
-            metrics_out = {**metrics, "model_id": ckpt.model_id, "mu": mu, "sigma": sigma}
-            atomic_write_bytes(self.out_dir / "metrics.json", (json.dumps(metrics_out, indent=2) + "\n").encode())
-            log.info("wrote %s and %s", self.out_dir / "model.pt", self.out_dir / "metrics.json")
-        else:
+        if not self.out_dir:
             ckpt.model_id = ""
+            return ckpt
+        save_checkpoint(ckpt, self.out_dir / "model.pt")
+        metrics_out = {**metrics, "model_id": ckpt.model_id, "mu": mu, "sigma": sigma}
+        atomic_write_bytes(self.out_dir / "metrics.json", (json.dumps(metrics_out, indent=2) + "\n").encode())
+        log.info("wrote %s and %s", self.out_dir / "model.pt", self.out_dir / "metrics.json")
+        self._write_report(scorer, calibration, metrics_out, fit_images, r_fit, r_test)
         return ckpt
+
+    def _write_report(self, scorer: Scorer, calibration: Calibration, metrics: dict, fit_images: np.ndarray,
+                      r_fit: np.ndarray, r_test: np.ndarray) -> None:
+        """OUT/report.html and its plots. The model is already saved: a failing plot costs only the report."""
+        from .report import write_report  # matplotlib only here
+
+        test = self.data.test
+        if test is not None and test.n_normal:
+            normal, anomaly = test.labels == 0, test.labels == 1
+            images, r, label = test.images[normal], r_test[normal], "held-out normal"
+            anomaly_images, r_anomaly = test.images[anomaly], r_test[anomaly]
+        else:
+            images, r, label = fit_images, r_fit, "training (no held-out images)"
+            anomaly_images, r_anomaly = None, None
+        a = lambda values: -calibration.decide(values).log_a if values is not None else None  # noqa: E731
+        try:
+            path = write_report(self.out_dir, scorer, title=f"ama-stream train: model {scorer.model_id}",
+                                metrics=metrics, normal_images=images, r_normal=r, anomaly_images=anomaly_images,
+                                r_anomaly=r_anomaly, a_normal=a(r), a_anomaly=a(r_anomaly),
+                                metrics_csv=self.out_dir / "metrics.csv", normal_label=label)
+            log.info("wrote the report %s", path)
+        except Exception as exc:  # noqa: BLE001 -- any plotting failure; the checkpoint is safe
+            log.error("could not write the report in %s: %s: %s", self.out_dir, type(exc).__name__, exc)
 
     # ----- resume ---------------------------------------------------------------------------
     def save_train_state(self) -> None:

@@ -18,8 +18,10 @@ from ama_stream.settings import SettingsError, deep_merge, load_settings, parse_
 from ama_stream.sources import parse_source, resolve_data_root
 
 from ..config import TrainConfig
+from ama_stream.calibration import Calibration
+
 from ..datasets import build_test_set
-from ..evaluate import evaluate_scorer
+from ..evaluate import full_metrics, human_table, r_scores
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", help="also write the JSON result to this file")
+    p.add_argument("--plots", metavar="DIR", help="write the report there: R-score densities (the paper's Fig. 4), "
+                                                  "ROC and PR curves, reconstructions and report.html")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the training config's data section, e.g. data.limit_test=500")
 
@@ -61,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     data_root = resolve_data_root(args.data_root)
     test = build_test_set(cfg.data, data_root, seed, normal=normal, anomaly=anomaly)
     scorer = Scorer(ckpt, device=args.device)
-    result = evaluate_scorer(scorer, test.images, test.labels, batch_size=args.batch_size)
+    r = r_scores(scorer, test.images, batch_size=args.batch_size)
+    calibration = Calibration.from_checkpoint(ckpt)
+    result = full_metrics(r, test.labels, calibration, seed)
     result.update(
         model_id=ckpt.model_id,
         checkpoint=str(Path(args.checkpoint)),
@@ -70,8 +76,19 @@ def run(args: argparse.Namespace) -> int:
         anomaly=(anomaly or cfg.data.anomaly).model_dump(mode="json") if (anomaly or cfg.data.anomaly) else None,
         seed=seed,
     )
+    if args.plots:
+        from ..report import write_report  # matplotlib only when asked
+
+        normal, anomaly = test.labels == 0, test.labels == 1
+        a = -calibration.decide(r).log_a
+        report = write_report(args.plots, scorer, title=f"ama-stream evaluate: model {ckpt.model_id}", metrics=result,
+                              normal_images=test.images[normal], r_normal=r[normal],
+                              anomaly_images=test.images[anomaly], r_anomaly=r[anomaly],
+                              a_normal=a[normal], a_anomaly=a[anomaly])
+        result["report"] = str(report)
     line = json.dumps(result, sort_keys=True)
     if args.out:
         atomic_write_bytes(args.out, (line + "\n").encode())
+    print(human_table(result), file=sys.stderr, flush=True)
     print(line, file=sys.stdout, flush=True)
     return 0

@@ -1,0 +1,89 @@
+"""Baselines that AMA must beat, trained and scored on exactly the same images (benchmarks/quality.py).
+
+- pca: reconstruction error of a scikit-learn PCA fitted on the normal training images. k is chosen
+  from PCA_KS WITHOUT anomalies: the smallest k whose held-out normal images keep >= 90% of their
+  variance (the usual rule of thumb), else the largest; the AUROC of every k is reported too.
+- autoencoder: the same E and G as the AMA model, no critic, trained on the L2 reconstruction loss
+  with the same optimiser settings, batch and step budget; the score is the per-image L2 error.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from ama_stream.model import AMA
+from ama_stream.preprocess import to_tensor
+
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+PCA_KS = (16, 32, 64)
+PCA_KEEP_VARIANCE = 0.9
+PCA_MAX_FIT = 20000  # training images the PCA is fitted on (seeded subsample)
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+def _ranking(score: np.ndarray, labels: np.ndarray) -> dict:
+    return {"auroc": float(roc_auc_score(labels, score)), "aupr": float(average_precision_score(labels, score))}
+
+
+def pca_baseline(train: np.ndarray, test: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """{"auroc", "aupr", "k", "auroc_by_k"} of the PCA reconstruction error on the test images."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train))
+    n_holdout = max(1, len(train) // 10)
+    holdout, fit = _flat(train[order[:n_holdout]]), _flat(train[order[n_holdout:][:PCA_MAX_FIT]])
+    x_test = _flat(test)
+    ks = [k for k in PCA_KS if k < min(fit.shape)]
+    chosen, by_k, errors = None, {}, {}
+    for k in ks:
+        pca = PCA(n_components=k, random_state=seed).fit(fit)
+        residual = holdout - pca.inverse_transform(pca.transform(holdout))
+        kept = 1.0 - float((residual ** 2).sum() / max(((holdout - pca.mean_) ** 2).sum(), 1e-12))
+        err = ((x_test - pca.inverse_transform(pca.transform(x_test))) ** 2).sum(axis=1)
+        by_k[k], errors[k] = _ranking(err, labels)["auroc"], err
+        if chosen is None and kept >= PCA_KEEP_VARIANCE:
+            chosen = k
+        log.info("pca k=%d: held-out normal variance kept %.3f, test AUROC %.4f", k, kept, by_k[k])
+    chosen = chosen or ks[-1]
+    return {**_ranking(errors[chosen], labels), "k": chosen, "auroc_by_k": by_k}
+
+
+def autoencoder_baseline(cfg: TrainConfig, train: np.ndarray, test: np.ndarray, labels: np.ndarray,
+                         steps: int) -> dict:
+    """{"auroc", "aupr", "steps", "wall_s"} of a plain E+G autoencoder's L2 error."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 2)
+    model = AMA(cfg.model_config_for_data())
+    e, g = model.encoder, model.generator
+    o = cfg.optim
+    opt = torch.optim.Adam([{"params": e.parameters(), "betas": o.betas_e}, {"params": g.parameters(), "betas": o.betas_g}],
+                           lr=o.lr)
+    batch = cfg.train.batch_size
+    t0 = time.monotonic()
+    e.train(), g.train()
+    for step in range(steps):
+        idx = np.sort(rng.choice(len(train), batch, replace=False))
+        x = to_tensor(train[idx])
+        loss = ((g(e(x)) - x) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % max(cfg.train.log_every, 1) == 0:
+            log.info("autoencoder step %d/%d l2=%.4g", step + 1, steps, float(loss))
+    e.eval(), g.eval()
+    errors = []
+    with torch.inference_mode():
+        for i in range(0, len(test), 256):
+            x = to_tensor(test[i : i + 256])
+            errors.append(((g(e(x)) - x) ** 2).flatten(1).sum(dim=1).numpy())
+    return {**_ranking(np.concatenate(errors), labels), "steps": steps, "wall_s": round(time.monotonic() - t0, 1)}

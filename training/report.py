@@ -1,0 +1,222 @@
+"""A report a person can look at: PNG plots and one report.html that shows them with the metrics.
+
+Written into every run folder by the trainer and by `ama-stream evaluate --plots DIR`:
+
+    scores.png           R-score densities, normal vs anomaly (the paper's Fig. 4), or of the
+                         held-out good images when there are no anomalies
+    roc.png, pr.png      ROC and precision-recall curves of the R- and A-scores (anomalies only)
+    losses.png           the logged training values over the steps (from metrics.csv)
+    reconstructions.png  inputs, reconstructions G(E(x)) and |x - G(E(x))| of the lowest- and
+                         highest-scored images
+    report.html          all of the above on one page, with the metrics table
+
+Files are written atomically (ama_stream.fileio), so a reader never sees half a PNG.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+
+from ama_stream.fileio import atomic_write_bytes  # noqa: E402
+
+PLOT_DPI = 110
+GRID_IMAGES = 8  # images per row of the reconstruction grid (best and worst)
+
+
+def _save(fig, path: Path) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PLOT_DPI, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path.name
+
+
+def plot_scores(path: Path, r_normal: np.ndarray, r_anomaly: np.ndarray | None = None,
+                normal_label: str = "normal") -> str:
+    """Histogram densities of R (log-spaced bins when R spans decades)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    values = [r_normal] if r_anomaly is None or len(r_anomaly) == 0 else [r_normal, r_anomaly]
+    allv = np.concatenate(values)
+    allv = allv[np.isfinite(allv)]
+    lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
+    log_bins = lo > 0 and hi / lo > 50
+    bins = np.geomspace(lo, hi, 60) if log_bins else np.linspace(lo, hi if hi > lo else lo + 1, 60)
+    ax.hist(r_normal, bins=bins, density=True, alpha=0.6, label=f"{normal_label} (n={len(r_normal)})", color="tab:blue")
+    if len(values) == 2:
+        ax.hist(r_anomaly, bins=bins, density=True, alpha=0.6, label=f"anomaly (n={len(r_anomaly)})", color="tab:red")
+    if log_bins:
+        ax.set_xscale("log")
+    ax.set_xlabel("R-score")
+    ax.set_ylabel("density")
+    ax.set_title("R-score densities")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_roc_pr(roc_path: Path, pr_path: Path, labels: np.ndarray, scores: Mapping[str, np.ndarray]) -> list[str]:
+    """ROC and PR curves of each named score (high = anomalous), anomalies the positive class."""
+    fig_roc, ax_roc = plt.subplots(figsize=(4.6, 4.2))
+    fig_pr, ax_pr = plt.subplots(figsize=(4.6, 4.2))
+    for name, score in scores.items():
+        fpr, tpr, _ = roc_curve(labels, score)
+        ax_roc.plot(fpr, tpr, label=name)
+        precision, recall, _ = precision_recall_curve(labels, score)
+        ax_pr.plot(recall, precision, label=name)
+    ax_roc.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax_roc.set(xlabel="false-alarm rate", ylabel="recall", title="ROC")
+    ax_pr.axhline(float(np.mean(labels)), color="k", ls=":", lw=0.8)
+    ax_pr.set(xlabel="recall", ylabel="precision", title="precision-recall")
+    ax_roc.legend(loc="lower right")
+    ax_pr.legend(loc="lower left")
+    return [_save(fig_roc, roc_path), _save(fig_pr, pr_path)]
+
+
+def read_metrics_csv(path: Path) -> dict[str, np.ndarray]:
+    """Columns of metrics.csv as float arrays (empty cells are NaN)."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    cols = {k: [] for k in rows[0]}
+    for row in rows:
+        for k in cols:
+            try:
+                cols[k].append(float(row.get(k) or "nan"))
+            except ValueError:
+                cols[k].append(math.nan)
+    return {k: np.asarray(v) for k, v in cols.items()}
+
+
+def plot_losses(path: Path, columns: Mapping[str, np.ndarray]) -> str | None:
+    """One small panel per logged value against the step."""
+    names = [k for k in columns if k not in ("step", "epoch", "elapsed_s")]
+    if "step" not in columns or not names:
+        return None
+    cols = 3
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        ax.plot(columns["step"], columns[name], lw=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _to_display(images: np.ndarray) -> np.ndarray:
+    """[N, C, S, S] in [-1, 1] -> [N, S, S] or [N, S, S, 3] in [0, 1]."""
+    x = np.clip((images + 1.0) / 2.0, 0.0, 1.0)
+    return x[:, 0] if x.shape[1] == 1 else np.transpose(x, (0, 2, 3, 1))
+
+
+def plot_reconstructions(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> str:
+    """rows: (title, inputs [N, C, S, S], reconstructions, R-scores); each gives 3 image rows:
+    input, G(E(x)) and |x - G(E(x))|."""
+    n = max(len(r[1]) for r in rows)
+    fig, axes = plt.subplots(3 * len(rows), n, figsize=(1.2 * n, 1.4 * 3 * len(rows)), squeeze=False)
+    fig.subplots_adjust(hspace=0.45)
+    for block, (title, x, x_hat, r) in enumerate(rows):
+        panels = (_to_display(x), _to_display(x_hat), np.abs(_to_display(x) - _to_display(x_hat)))
+        for j, (kind, images) in enumerate(zip(("input", "G(E(x))", "|x - G(E(x))|"), panels)):
+            for i in range(n):
+                ax = axes[3 * block + j, i]
+                ax.axis("off")
+                if i < len(images):
+                    ax.imshow(images[i], cmap="gray" if images[i].ndim == 2 else None, vmin=0, vmax=1)
+                    if j == 0:
+                        ax.set_title(f"R={r[i]:.3g}", fontsize=7)
+            axes[3 * block + j, 0].text(-0.1, 0.5, kind, transform=axes[3 * block + j, 0].transAxes, ha="right",
+                                        va="center", fontsize=8)
+        axes[3 * block, 0].text(-0.1, 1.35, title, transform=axes[3 * block, 0].transAxes, fontsize=9, weight="bold")
+    return _save(fig, path)
+
+
+def extreme_indices(r: np.ndarray, count: int = GRID_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the `count` lowest and highest finite R-scores."""
+    finite = np.flatnonzero(np.isfinite(r))
+    order = finite[np.argsort(r[finite], kind="stable")]
+    return order[:count], order[::-1][:count]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        return html.escape(str(v))
+    return html.escape(str(v))
+
+
+def write_html(path: Path, title: str, metrics: Mapping[str, object], images: Sequence[str],
+               notes: Sequence[str] = ()) -> None:
+    """report.html: the metrics table and every image, referenced by relative file name."""
+    rows = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in metrics.items())
+    figs = "\n".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(name)}">'
+                     f"<figcaption>{html.escape(name)}</figcaption></figure>" for name in images)
+    note_items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:13px}}figure{{display:inline-block;margin:1em}}
+img{{max-width:100%}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<ul>{note_items}</ul>
+<table>{rows}</table>
+{figs}
+</body></html>
+"""
+    atomic_write_bytes(path, page.encode())
+
+
+def write_report(out_dir: str | Path, scorer, *, title: str, metrics: Mapping[str, object],
+                 normal_images: np.ndarray, r_normal: np.ndarray, anomaly_images: np.ndarray | None = None,
+                 r_anomaly: np.ndarray | None = None, a_normal: np.ndarray | None = None,
+                 a_anomaly: np.ndarray | None = None, metrics_csv: Path | None = None,
+                 normal_label: str = "normal", notes: Sequence[str] = ()) -> Path:
+    """Every plot that the data allows, and report.html; returns the report's path.
+
+    images are uint8 [N, S, S, C] at the model's size; r_* their R-scores; a_* their A-scores
+    (-log A, high = anomalous) for the ROC/PR curves.
+    """
+    from ama_stream.preprocess import to_tensor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    has_anomalies = anomaly_images is not None and r_anomaly is not None and len(r_anomaly) > 0
+    images = [plot_scores(out / "scores.png", r_normal, r_anomaly if has_anomalies else None, normal_label)]
+    if has_anomalies:
+        labels = np.concatenate([np.zeros(len(r_normal), int), np.ones(len(r_anomaly), int)])
+        curves = {"R-score": np.concatenate([r_normal, r_anomaly])}
+        if a_normal is not None and a_anomaly is not None:
+            curves["A-score"] = np.concatenate([a_normal, a_anomaly])
+        images += plot_roc_pr(out / "roc.png", out / "pr.png", labels, curves)
+    if metrics_csv is not None and Path(metrics_csv).is_file():
+        name = plot_losses(out / "losses.png", read_metrics_csv(Path(metrics_csv)))
+        if name:
+            images.append(name)
+    grid_rows = []
+    pools = [(normal_label, normal_images, r_normal)]
+    if has_anomalies:
+        pools.append(("anomaly", anomaly_images, r_anomaly))
+    for label, pool, r in pools:
+        low, high = extreme_indices(r)
+        for which, idx in (("lowest R", low), ("highest R", high)):
+            if len(idx):
+                x = to_tensor(pool[idx])
+                grid_rows.append((f"{label}: {which}", x.numpy(), scorer.reconstruct(x).numpy(), r[idx]))
+    images.append(plot_reconstructions(out / "reconstructions.png", grid_rows))
+    write_html(out / "report.html", title, metrics, images, notes)
+    return out / "report.html"
