@@ -25,7 +25,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "AMA_CACHE_DIR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-item native shapes stored too
 MAX_BYTES = 4 * 2**30
 
 
@@ -51,8 +51,9 @@ def entry_key(files: Sequence[str], params: dict[str, Any]) -> str | None:
     return digest.hexdigest()
 
 
-def load(key: str, n_items: int, image_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(fitted images of the kept items, kept mask over the items), or None on a miss."""
+def load(key: str, n_items: int, image_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(fitted images of the kept items, kept mask over the items, native shapes [kept, 3] of the
+    kept items), or None on a miss."""
     folder = cache_dir()
     if folder is None:
         return None
@@ -61,20 +62,22 @@ def load(key: str, n_items: int, image_shape: tuple[int, int, int]) -> tuple[np.
         return None
     try:
         with np.load(path, allow_pickle=False) as entry:
-            images, kept = entry["images"], entry["kept"]
+            images, kept, shapes = entry["images"], entry["kept"], entry["shapes"]
         if kept.dtype != bool or kept.shape != (n_items,):
             raise ValueError(f"kept mask {kept.dtype} {kept.shape} does not cover {n_items} items")
         if images.dtype != np.uint8 or images.shape != (int(kept.sum()), *image_shape):
             raise ValueError(f"images {images.dtype} {images.shape} do not match {int(kept.sum())} x {image_shape}")
+        if shapes.shape != (len(images), 3):
+            raise ValueError(f"native shapes {shapes.shape} do not cover {len(images)} images")
         os.utime(path)  # least recently used entries are pruned first
     except Exception as exc:  # noqa: BLE001 - whatever is wrong with an entry, rebuild it
         log.warning("ignoring unreadable image cache entry %s (%s); decoding again", path, exc)
         path.unlink(missing_ok=True)
         return None
-    return images, kept
+    return images, kept, shapes
 
 
-def store(key: str, images: np.ndarray, kept: np.ndarray) -> None:
+def store(key: str, images: np.ndarray, kept: np.ndarray, shapes: np.ndarray) -> None:
     """Write an entry atomically; a cache that cannot be written only costs speed."""
     folder = cache_dir()
     if folder is None:
@@ -84,7 +87,7 @@ def store(key: str, images: np.ndarray, kept: np.ndarray) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, kept=kept)
+            np.savez(f, images=images, kept=kept, shapes=shapes)
         os.replace(tmp, folder / f"{key}.npz")
         tmp = None
         _prune(folder)

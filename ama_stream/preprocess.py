@@ -7,6 +7,7 @@ into 32x32, or resizing with antialiasing); `to_tensor` scales a stack of fitted
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -93,3 +94,64 @@ def prepare_batch(images: list[np.ndarray] | np.ndarray, spec: PreprocessSpec) -
         (0, spec.image_size, spec.image_size, spec.channels), dtype=np.uint8
     )
     return to_tensor(fitted)
+
+
+def native_shape(img: np.ndarray) -> tuple[int, int, int]:
+    """(height, width, channels) of a decoded image as it arrived."""
+    return (int(img.shape[0]), int(img.shape[1]), int(img.shape[2]) if img.ndim == 3 else 1)
+
+
+def fit_reasons(shape: tuple[int, int, int], spec: PreprocessSpec) -> tuple[str, ...]:
+    """Why an image of native (h, w, c) does not enter the model as it is: "padded" or "resized"
+    (its size), and "channels" (gray <-> colour, alpha dropped)."""
+    h, w, c = shape
+    reasons = []
+    s = spec.image_size
+    if (h, w) != (s, s):
+        pads = spec.resize == "pad" or (spec.resize == "auto" and h <= s and w <= s and s - h <= s // 4 and s - w <= s // 4)
+        reasons.append("padded" if pads and h <= s and w <= s else "resized")
+    if (3 if c == 4 else c) != spec.channels:
+        reasons.append("channels")
+    return tuple(reasons)
+
+
+class FitTally:
+    """Counts images that did not fit the model as they were, for the warning users see: a
+    640x480 colour JPEG scored by a 32x32 gray model should never pass without a word."""
+
+    EXAMPLES = 3
+
+    def __init__(self, spec: PreprocessSpec):
+        self.spec = spec
+        self.total = 0
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, shape: tuple[int, int, int]) -> tuple[str, ...]:
+        self.total += 1
+        reasons = fit_reasons(shape, self.spec)
+        for reason in reasons:
+            self.counts[reason] += 1
+            seen = self.examples.setdefault(reason, [])
+            text = f"{shape[1]}x{shape[0]}x{shape[2]}"
+            if text not in seen and len(seen) < self.EXAMPLES:
+                seen.append(text)
+        return reasons
+
+    def add_all(self, shapes) -> "FitTally":
+        for shape in shapes:
+            self.add(tuple(int(v) for v in shape))
+        return self
+
+    def message(self, what: str = "images") -> str | None:
+        """One line, or None when everything fitted as it was."""
+        if not self.counts:
+            return None
+        target = f"{self.spec.image_size}x{self.spec.image_size}x{self.spec.channels}"
+        parts = [f"{self.counts[r]} {r} (e.g. {', '.join(self.examples[r])} as WxHxC)" for r in sorted(self.counts)]
+        return f"{max(self.counts.values())} of {self.total} {what} do not match the model's {target}: " + "; ".join(parts)
+
+    @property
+    def serious(self) -> bool:
+        """Resizing or channel conversion changes what the model sees; padding 28x28 into 32x32 does not."""
+        return bool(self.counts.get("resized") or self.counts.get("channels"))

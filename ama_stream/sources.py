@@ -572,6 +572,7 @@ class LabeledImages:
     labels: np.ndarray  # int64 [N]: index into class_names; -1 for an npz without labels
     class_names: tuple[str, ...]  # every class of the source, not only the selected ones
     ids: tuple[str, ...]  # file paths, or FILE#INDEX
+    shapes: np.ndarray | None = None  # int32 [N, 3]: each image's native (height, width, channels)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -579,7 +580,8 @@ class LabeledImages:
     def take(self, indices: np.ndarray | Sequence[int]) -> "LabeledImages":
         indices = np.asarray(indices, dtype=np.int64)
         return LabeledImages(self.images[indices], self.labels[indices], self.class_names,
-                             tuple(self.ids[i] for i in indices))
+                             tuple(self.ids[i] for i in indices),
+                             None if self.shapes is None else self.shapes[indices])
 
 
 @functools.lru_cache(maxsize=1)
@@ -591,11 +593,15 @@ def _decoder_digest() -> str:
     return digest.hexdigest()
 
 
+SKIP_NAMED = 5  # undecodable files named one by one before only the count goes on
+
+
 def _decode_fitted(cat: _Catalog, chosen: np.ndarray, image_spec: PreprocessSpec,
-                   skip_corrupt: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(fitted images of the decodable items, mask of those items over `chosen`)."""
+                   skip_corrupt: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fitted images of the decodable items, mask of those items over `chosen`, their native shapes)."""
     s, c = image_spec.image_size, image_spec.channels
     images = np.empty((len(chosen), s, s, c), dtype=np.uint8)
+    shapes = np.zeros((len(chosen), 3), dtype=np.int32)
     kept = np.ones(len(chosen), dtype=bool)
     for j, i in enumerate(chosen):
         try:
@@ -603,14 +609,18 @@ def _decode_fitted(cat: _Catalog, chosen: np.ndarray, image_spec: PreprocessSpec
         except DataError as exc:
             if not skip_corrupt:
                 raise
-            log.warning("skipping an undecodable image: %s", exc)
+            if (~kept).sum() < SKIP_NAMED:
+                log.warning("skipping an undecodable image: %s", exc)
             kept[j] = False
             continue
         try:
             images[j] = fit_image(native, image_spec)
         except ValueError as exc:
             raise DataError(f"{cat.ids[i]}: {exc}") from None
-    return (images if kept.all() else images[kept]), kept
+        shapes[j] = preprocess.native_shape(native)
+    if kept.all():
+        return images, kept, shapes
+    return images[kept], kept, shapes[kept]
 
 
 def load_images(
@@ -634,21 +644,26 @@ def load_images(
     shape = (image_spec.image_size, image_spec.image_size, image_spec.channels)
     hit = imagecache.load(key, len(chosen), shape) if key else None
     if hit is not None:
-        images, kept = hit
+        images, kept, shapes = hit
         log.info("read %d fitted images of %s from the image cache", len(images), spec)
     else:
         started = time.monotonic()
-        images, kept = _decode_fitted(cat, chosen, image_spec, spec.skip_corrupt)
+        images, kept, shapes = _decode_fitted(cat, chosen, image_spec, spec.skip_corrupt)
         if cat.decoded:
             log.info("decoded %d images of %s in %.1fs", len(images), spec, time.monotonic() - started)
         if key:
-            imagecache.store(key, images, kept)
+            imagecache.store(key, images, kept, shapes)
     if not kept.all():
-        log.warning("%s: skipped %d undecodable images", spec, int((~kept).sum()))
+        skipped = [cat.ids[i] for i in chosen[~kept]]
+        log.warning("%s: skipped %d undecodable images (first: %s)", spec, len(skipped),
+                    ", ".join(skipped[:SKIP_NAMED]))
         chosen = chosen[kept]
         if chosen.size == 0:
             raise DataError(f"{spec}: every selected image in {cat.root} is undecodable")
-    return LabeledImages(images, cat.labels[chosen], cat.class_names, tuple(cat.ids[i] for i in chosen))
+    misfit = preprocess.FitTally(image_spec).add_all(shapes).message(f"images of {spec}")
+    if misfit:
+        log.info("%s", misfit)
+    return LabeledImages(images, cat.labels[chosen], cat.class_names, tuple(cat.ids[i] for i in chosen), shapes)
 
 
 def iter_images(

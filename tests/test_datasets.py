@@ -66,9 +66,9 @@ def test_data_config_errors(fields, expected):
 # --------------------------------------------------------------------------- cross
 
 
-def test_cross_fashion_mnist_vs_mnist(data_root):
+def test_cross_fashion_mnist_vs_mnist(full_data_root):
     cfg = DataConfig(**FMNIST_VS_MNIST)
-    data = build_protocol(cfg, data_root, seed=0)
+    data = build_protocol(cfg, full_data_root, seed=0)
     # all of Fashion-MNIST's training split is trained on: no validation without val_anomalies
     assert data.train.shape == (60000, 32, 32, 1) and data.train.dtype == np.uint8
     assert all("fashion-mnist/train-images" in i for i in data.train_ids) and len(set(data.train_ids)) == 60000
@@ -80,36 +80,36 @@ def test_cross_fashion_mnist_vs_mnist(data_root):
     anomaly_ids = [i for i, y in zip(test.ids, test.labels) if y == 1]
     assert all("/mnist/t10k-images" in i for i in anomaly_ids) and len(set(anomaly_ids)) == 2000
     # the sampled digits are spread over all classes, not the first 2000 of the file
-    digits = raw_labels(data_root / "mnist" / "t10k-labels-idx1-ubyte.gz")[[index_of(i) for i in anomaly_ids]]
+    digits = raw_labels(full_data_root / "mnist" / "t10k-labels-idx1-ubyte.gz")[[index_of(i) for i in anomaly_ids]]
     assert set(digits) == set(range(10)) and max(index_of(i) for i in anomaly_ids) > 9000
 
-    again = build_protocol(cfg, data_root, seed=0)
+    again = build_protocol(cfg, full_data_root, seed=0)
     assert_same(data, again)
-    other = build_test_set(cfg, data_root, seed=1)
+    other = build_test_set(cfg, full_data_root, seed=1)
     assert other.ids[:10000] == test.ids[:10000] and other.ids[10000:] != test.ids[10000:]
 
 
-def test_cross_limits_and_validation_anomalies(data_root):
+def test_cross_limits_and_validation_anomalies(full_data_root):
     cfg = DataConfig(**FMNIST_VS_MNIST, anomaly_fraction=0.1, limit_train=1000, limit_test=550,
                      val_fraction=0.1, val_anomalies=30)
-    data = build_protocol(cfg, data_root, seed=7)
+    data = build_protocol(cfg, full_data_root, seed=7)
     assert len(data.train) == 1000 and len(data.train_ids) == 1000
     assert (data.test.n_normal, data.test.n_anomaly) == (500, 50)  # the 10:1 ratio is kept under the cap
     assert (data.val.n_normal, data.val.n_anomaly) == (550, 30)  # normal val images capped, every val anomaly kept
     val_anomalies = [i for i, y in zip(data.val.ids, data.val.labels) if y == 1]
     assert all("/mnist/train-images" in i for i in val_anomalies)  # never the test split
-    assert_same(data, build_protocol(cfg, data_root, seed=7))
+    assert_same(data, build_protocol(cfg, full_data_root, seed=7))
 
 
 # --------------------------------------------------------------------------- one-class
 
 
-def test_one_class_mnist(data_root):
+def test_one_class_mnist(full_data_root):
     cfg = DataConfig(protocol="one-class", normal={"format": "idx", "root": "mnist", "classes": [3]},
                      val_anomalies=20, limit_train=500)
-    data = build_protocol(cfg, data_root, seed=0)
-    train_labels = raw_labels(data_root / "mnist" / "train-labels-idx1-ubyte.gz")
-    test_labels = raw_labels(data_root / "mnist" / "t10k-labels-idx1-ubyte.gz")
+    data = build_protocol(cfg, full_data_root, seed=0)
+    train_labels = raw_labels(full_data_root / "mnist" / "train-labels-idx1-ubyte.gz")
+    test_labels = raw_labels(full_data_root / "mnist" / "t10k-labels-idx1-ubyte.gz")
     assert len(data.train) == 500 and set(train_labels[[index_of(i) for i in data.train_ids]]) == {3}
     # test = the whole test split: the 3s are normal, every other digit is an anomaly
     digits = test_labels[[index_of(i) for i in data.test.ids]]
@@ -123,10 +123,10 @@ def test_one_class_mnist(data_root):
     assert all("train-images" in i for i in data.val.ids)
 
 
-def test_one_class_cifar_gray(data_root):
+def test_one_class_cifar_gray(full_data_root):
     cfg = DataConfig(protocol="one-class", normal={"format": "folder", "root": "cifar10-jpeg", "classes": ["cat"]},
                      limit_test=400)
-    data = build_protocol(cfg, data_root, seed=0)
+    data = build_protocol(cfg, full_data_root, seed=0)
     assert data.train.shape == (5000, 32, 32, 1) and all("/train/cat/" in i for i in data.train_ids)
     assert len(data.val.labels) == 0
     assert (data.test.n_normal, data.test.n_anomaly) == (40, 360)  # 1000:9000 kept under the cap
@@ -153,12 +153,12 @@ def elpv_ids(data_root: Path, keep) -> set[str]:
     return {str(data_root / "elpv" / path) for path, prob, kind in rows if keep(float(prob), kind)}
 
 
-def test_industrial_elpv(data_root):
+def test_industrial_elpv(full_data_root):
     cfg = DataConfig(protocol="industrial", normal={"format": "elpv", "root": "elpv", "cell_type": "mono"},
                      image_size=64, val_anomalies=10)
-    data = build_protocol(cfg, data_root, seed=0)
-    normal = elpv_ids(data_root, lambda p, k: p == 0 and k == "mono")
-    defect = elpv_ids(data_root, lambda p, k: p == 1 and k == "mono")
+    data = build_protocol(cfg, full_data_root, seed=0)
+    normal = elpv_ids(full_data_root, lambda p, k: p == 0 and k == "mono")
+    defect = elpv_ids(full_data_root, lambda p, k: p == 1 and k == "mono")
     test_normal = {i for i, y in zip(data.test.ids, data.test.labels) if y == 0}
     test_defect = {i for i, y in zip(data.test.ids, data.test.labels) if y == 1}
     val_normal = {i for i, y in zip(data.val.ids, data.val.labels) if y == 0}
@@ -171,23 +171,23 @@ def test_industrial_elpv(data_root):
     # every defective cell is evaluated: 10 in validation, the rest in test
     assert len(val_defect) == 10 and test_defect | val_defect == defect and not test_defect & val_defect
     # evaluate rebuilds the same test set, validation anomalies still excluded
-    assert build_test_set(cfg, data_root, seed=0).ids == data.test.ids
+    assert build_test_set(cfg, full_data_root, seed=0).ids == data.test.ids
 
 
-def test_industrial_anomaly_classes_and_overlap(data_root):
+def test_industrial_anomaly_classes_and_overlap(full_data_root):
     cfg = DataConfig(protocol="industrial", normal={"format": "elpv", "root": "elpv", "cell_type": "poly"},
                      anomaly={"format": "elpv", "root": "elpv", "cell_type": "poly", "classes": [0.667, "1.0"]},
                      limit_test=100)
-    test = build_test_set(cfg, data_root, seed=0)
-    n_poly_defects = len(elpv_ids(data_root, lambda p, k: p > 0.5 and k == "poly"))
-    uncapped = build_test_set(cfg.model_copy(update={"limit_test": None}), data_root, seed=0)
+    test = build_test_set(cfg, full_data_root, seed=0)
+    n_poly_defects = len(elpv_ids(full_data_root, lambda p, k: p > 0.5 and k == "poly"))
+    uncapped = build_test_set(cfg.model_copy(update={"limit_test": None}), full_data_root, seed=0)
     assert uncapped.n_anomaly == n_poly_defects == 452
     assert len(test.ids) == 100 and test.n_anomaly == round(100 * 452 / (452 + uncapped.n_normal))
     assert set(test.ids) <= set(uncapped.ids)
     bad = DataConfig(protocol="industrial", normal={"format": "elpv", "root": "elpv"},
                      anomaly={"format": "elpv", "root": "elpv", "classes": [0, 1]})
     with pytest.raises(DataError, match=r"both select classes \[0.0\] .*either normal or anomalous"):
-        build_test_set(bad, data_root, seed=0)
+        build_test_set(bad, full_data_root, seed=0)
 
 
 def test_industrial_folder_tree_uses_every_defect(tmp_image_tree):
@@ -202,19 +202,19 @@ def test_industrial_folder_tree_uses_every_defect(tmp_image_tree):
 # --------------------------------------------------------------------------- evaluate's replacements
 
 
-def test_replacing_either_side(data_root, tmp_image_tree, caplog):
+def test_replacing_either_side(full_data_root, tmp_image_tree, caplog):
     cfg = DataConfig(**FMNIST_VS_MNIST)
     normal = tmp_image_tree({"": 40}, name="good")
-    test = build_test_set(cfg, data_root, seed=0, normal=parse_source(f"folder:{normal}"))
+    test = build_test_set(cfg, full_data_root, seed=0, normal=parse_source(f"folder:{normal}"))
     assert test.n_normal == 40 and test.n_anomaly == 8  # the whole split-less folder, anomalies at 20%
     assert all(i.startswith(str(normal)) for i, y in zip(test.ids, test.labels) if y == 0)
 
     anomalies = tmp_image_tree({"": 30}, name="other", mode="RGB", size=(40, 40))
     with caplog.at_level(logging.WARNING, logger="training.datasets"):
-        test = build_test_set(cfg, data_root, seed=0, anomaly=parse_source(f"folder:{anomalies}"))
+        test = build_test_set(cfg, full_data_root, seed=0, anomaly=parse_source(f"folder:{anomalies}"))
     assert (test.n_normal, test.n_anomaly) == (10000, 30) and "only 30 anomalies for the 2000 wanted" in caplog.text
 
-    test = build_test_set(cfg, data_root, seed=0, normal=parse_source(f"folder:{normal}"),
+    test = build_test_set(cfg, full_data_root, seed=0, normal=parse_source(f"folder:{normal}"),
                           anomaly=parse_source("folder:cifar10-jpeg", ["ship"]))
     assert test.n_anomaly == 8 and all("/test/ship/" in i for i in test.ids[40:])  # a split source: its test half
     assert test.images.shape == (48, 32, 32, 1)

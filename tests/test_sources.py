@@ -154,11 +154,11 @@ def test_relative_root_not_found_names_the_data_root(tmp_path):
 # --------------------------------------------------------------------------- idx
 
 
-def test_fashion_mnist_idx_is_padded_28_to_32(data_root):
+def test_fashion_mnist_idx_is_padded_28_to_32(full_data_root):
     spec = parse_source("idx:fashion-mnist").with_split("test")
-    data = load_images(spec, data_root, GRAY32)
-    raw_images = raw_idx(data_root / "fashion-mnist" / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-    raw_labels = raw_idx(data_root / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz", 8)
+    data = load_images(spec, full_data_root, GRAY32)
+    raw_images = raw_idx(full_data_root / "fashion-mnist" / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    raw_labels = raw_idx(full_data_root / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz", 8)
     assert data.images.shape == (10000, 32, 32, 1) and data.images.dtype == np.uint8
     assert data.class_names == tuple(str(k) for k in range(10))
     assert np.array_equal(data.labels, raw_labels) and data.labels.dtype == np.int64
@@ -380,31 +380,31 @@ def elpv_rows(data_root: Path) -> list[tuple[str, float, str]]:
     return [(path, float(prob), kind) for path, prob, kind in rows]
 
 
-def test_elpv_label_mapping(data_root):
-    rows = elpv_rows(data_root)
+def test_elpv_label_mapping(full_data_root):
+    rows = elpv_rows(full_data_root)
     spec = SourceSpec(format="elpv", root="elpv", classes=[0.667], cell_type="poly")
-    data = load_images(spec, data_root, GRAY32)
-    expected = [str(data_root / "elpv" / p) for p, prob, kind in rows if abs(prob - 2 / 3) < 1e-3 and kind == "poly"]
+    data = load_images(spec, full_data_root, GRAY32)
+    expected = [str(full_data_root / "elpv" / p) for p, prob, kind in rows if abs(prob - 2 / 3) < 1e-3 and kind == "poly"]
     assert list(data.ids) == expected and len(expected) == 50
     assert data.class_names == ("0.0", "0.333", "0.667", "1.0")
     assert set(data.labels) == {2}
     assert data.images.shape == (50, 32, 32, 1)  # 300x300 cells resized
-    item_id, image, label = next(iter_images(spec, data_root))
+    item_id, image, label = next(iter_images(spec, full_data_root))
     assert (item_id, image.shape, label) == (expected[0], (300, 300), 2)
 
 
-def test_elpv_split_is_seeded_and_stable(data_root):
+def test_elpv_split_is_seeded_and_stable(full_data_root):
     spec = SourceSpec(format="elpv", root="elpv", classes=["1.0"], cell_type="mono")
-    n_mono_defect = sum(1 for _, prob, kind in elpv_rows(data_root) if prob == 1.0 and kind == "mono")
-    ids = {split: [i for i, _, _ in iter_images(spec.with_split(split), data_root, seed=3)]
+    n_mono_defect = sum(1 for _, prob, kind in elpv_rows(full_data_root) if prob == 1.0 and kind == "mono")
+    ids = {split: [i for i, _, _ in iter_images(spec.with_split(split), full_data_root, seed=3)]
            for split in ("train", "test")}
     assert not set(ids["train"]) & set(ids["test"])
     assert len(ids["train"]) + len(ids["test"]) == n_mono_defect
     assert 0.12 < len(ids["test"]) / n_mono_defect < 0.28
     # the split of a cell depends on the seed and its path only, not on the other classes selected
-    wide = [i for i, _, _ in iter_images(spec.with_classes([0.667, 1]).with_split("test"), data_root, seed=3)]
+    wide = [i for i, _, _ in iter_images(spec.with_classes([0.667, 1]).with_split("test"), full_data_root, seed=3)]
     assert set(ids["test"]) <= set(wide)
-    other_seed = [i for i, _, _ in iter_images(spec.with_split("test"), data_root, seed=4)]
+    other_seed = [i for i, _, _ in iter_images(spec.with_split("test"), full_data_root, seed=4)]
     assert other_seed != ids["test"]
 
 
@@ -496,10 +496,10 @@ def test_unreadable_npz_files(tmp_path):
 # --------------------------------------------------------------------------- cifar and the cache
 
 
-def test_cifar_gray_conversion_matches_rgb(data_root):
+def test_cifar_gray_conversion_matches_rgb(full_data_root):
     spec = parse_source("folder:cifar10-jpeg", ["cat"]).with_split("test")
-    rgb = load_images(spec, data_root, RGB32)
-    gray = load_images(spec, data_root, GRAY32)
+    rgb = load_images(spec, full_data_root, RGB32)
+    gray = load_images(spec, full_data_root, GRAY32)
     assert rgb.images.shape == (1000, 32, 32, 3) and gray.images.shape == (1000, 32, 32, 1)
     assert rgb.ids == gray.ids and all("/test/cat/" in i for i in rgb.ids)
     assert len(rgb.class_names) == 10 and set(rgb.labels) == {rgb.class_names.index("cat")}

@@ -101,6 +101,7 @@ class EvalSet:
     images: np.ndarray  # uint8 [N, S, S, C]
     labels: np.ndarray  # int64 [N]: 1 = anomaly, 0 = normal
     ids: tuple[str, ...]
+    shapes: np.ndarray | None = None  # int32 [N, 3]: native (height, width, channels), when known
 
     @property
     def n_normal(self) -> int:
@@ -230,7 +231,10 @@ def _sample(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
 def _eval_set(normal: LabeledImages, anomaly: LabeledImages) -> EvalSet:
     images = np.concatenate([normal.images, anomaly.images])
     labels = np.concatenate([np.zeros(len(normal), np.int64), np.ones(len(anomaly), np.int64)])
-    return EvalSet(images, labels, normal.ids + anomaly.ids)
+    shapes = None
+    if normal.shapes is not None and anomaly.shapes is not None:
+        shapes = np.concatenate([normal.shapes, anomaly.shapes])
+    return EvalSet(images, labels, normal.ids + anomaly.ids, shapes)
 
 
 def _limit(evalset: EvalSet, limit: int | None, rng: np.random.Generator) -> EvalSet:
@@ -245,7 +249,8 @@ def _limit(evalset: EvalSet, limit: int | None, rng: np.random.Generator) -> Eva
         k_anomaly = min(max(k_anomaly, 1), limit - 1)  # keep both classes
     keep = np.concatenate([normal_idx[_sample(len(normal_idx), limit - k_anomaly, rng)],
                            anomaly_idx[_sample(len(anomaly_idx), k_anomaly, rng)]])
-    return EvalSet(evalset.images[keep], evalset.labels[keep], tuple(evalset.ids[i] for i in keep))
+    return EvalSet(evalset.images[keep], evalset.labels[keep], tuple(evalset.ids[i] for i in keep),
+                   None if evalset.shapes is None else evalset.shapes[keep])
 
 
 def _val_anomaly_picks(cfg: DataConfig, pool: LabeledImages, seed: int) -> np.ndarray:

@@ -13,12 +13,17 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from ama_stream.calibration import Calibration, Policy, fit_calibration
 from ama_stream.preprocess import to_tensor
+from ama_stream.progress import progress
 from ama_stream.scoring import Scorer
 
 
-def r_scores(scorer: Scorer, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """R-scores of uint8 [N, S, S, C] images already fitted to the model size."""
-    out = [scorer.score_tensor(to_tensor(images[i : i + batch_size])).r for i in range(0, len(images), batch_size)]
+def r_scores(scorer: Scorer, images: np.ndarray, batch_size: int = 256, desc: str = "scoring") -> np.ndarray:
+    """R-scores of uint8 [N, S, S, C] images already fitted to the model size (with progress)."""
+    out = []
+    with progress(total=len(images), desc=desc, unit="img") as bar:
+        for i in range(0, len(images), batch_size):
+            out.append(scorer.score_tensor(to_tensor(images[i : i + batch_size])).r)
+            bar.update(len(out[-1]))
     return np.concatenate(out) if out else np.zeros(0)
 
 

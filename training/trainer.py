@@ -24,6 +24,7 @@ from ama_stream.checkpoint import Checkpoint, save_checkpoint
 from ama_stream.fileio import atomic_write_bytes
 from ama_stream.model import AMA
 from ama_stream.preprocess import to_tensor
+from ama_stream.progress import progress
 from ama_stream.scoring import Scorer, resolve_device
 from ama_stream.sources import resolve_data_root
 
@@ -136,6 +137,20 @@ class Trainer:
         t0, step0 = time.monotonic(), self.state.step
         if step0 == 0 and self.out_dir:
             (self.out_dir / "metrics.csv").unlink(missing_ok=True)  # a fresh run into an old folder
+        bar = progress(total=total, desc="training", unit="step")
+        bar.update(step0)
+        try:
+            self._run_epochs(bar, t0, step0, total, per_epoch)
+        finally:
+            bar.close()
+        if self.best_weights is not None:
+            log.info("using the model selected at epoch %d (val AUROC-A %.4f)", self.state.best_epoch + 1,
+                     self.state.best_score)
+            self.model.load_state_dict(self.best_weights)
+        return self.finish()
+
+    def _run_epochs(self, bar, t0: float, step0: int, total: int, per_epoch: int) -> None:
+        cfg = self.cfg.train
         while self.state.epoch < cfg.epochs and self.state.step < total:
             epoch = self.state.epoch
             self.model.train()
@@ -148,6 +163,7 @@ class Trainer:
                                                          memory_format=self.memory_format)
                 logs = self.train_step(x, epoch)
                 self.state.step += 1
+                bar.update(1)
                 if self.state.step % cfg.log_every == 0 or self.state.step == total:
                     self._record(epoch, logs, time.monotonic() - t0)
                     rate = (self.state.step - step0) / max(time.monotonic() - t0, 1e-9)
@@ -159,11 +175,6 @@ class Trainer:
             self.state.epoch += 1
             self._select_model(epoch)
             self.save_train_state()
-        if self.best_weights is not None:
-            log.info("using the model selected at epoch %d (val AUROC-A %.4f)", self.state.best_epoch + 1,
-                     self.state.best_score)
-            self.model.load_state_dict(self.best_weights)
-        return self.finish()
 
     def _select_model(self, epoch: int) -> None:
         """The paper's protocol: keep the epoch with the best validation AUROC of the A-score on labelled
@@ -173,9 +184,9 @@ class Trainer:
             return
         scorer = self._scorer(mu=0.0, sigma=1.0)  # R does not depend on mu/sigma
         fit_images = self._fit_subset()
-        mu, sigma = fit_gaussian(r_scores(scorer, fit_images))
+        mu, sigma = fit_gaussian(r_scores(scorer, fit_images, desc="fitting mu/sigma"))
         calibration = Calibration.from_checkpoint(self._checkpoint(mu, sigma, len(fit_images)))
-        metrics = detection_metrics(r_scores(scorer, val.images), val.labels, calibration)
+        metrics = detection_metrics(r_scores(scorer, val.images, desc="validation"), val.labels, calibration)
         if metrics["auroc_a"] > self.state.best_score:
             self.state.best_score, self.state.best_epoch = metrics["auroc_a"], epoch
             self.best_weights = copy.deepcopy(self.model.state_dict())
@@ -225,7 +236,7 @@ class Trainer:
         """Fit mu/sigma of the training R-scores, evaluate on the test protocol, write outputs."""
         scorer = self._scorer(mu=0.0, sigma=1.0)
         fit_images = self._fit_subset()
-        r_fit = r_scores(scorer, fit_images)
+        r_fit = r_scores(scorer, fit_images, desc="fitting mu/sigma on training images")
         mu, sigma = fit_gaussian(r_fit)
         log.info("training R-scores: mu=%.6g sigma=%.6g (n=%d)", mu, sigma, len(fit_images))
         ckpt = self._checkpoint(mu, sigma, len(fit_images))
@@ -235,7 +246,8 @@ class Trainer:
         test = self.data.test
         scorer = Scorer(ckpt, device=self.device)
         calibration = Calibration.from_checkpoint(ckpt)
-        r_test = r_scores(scorer, test.images) if test is not None and len(test.labels) else np.zeros(0)
+        r_test = r_scores(scorer, test.images, desc="scoring test images") if test is not None and len(test.labels) \
+            else np.zeros(0)
         if test is not None and test.n_normal:
             metrics.update(good_only_metrics(scorer, test.images[test.labels == 0], r_test[test.labels == 0], calibration))
         if test is not None and test.n_normal and test.n_anomaly:

@@ -21,10 +21,10 @@ from ama_stream.calibration import (
     CalibrationFitter,
     Policy,
 )
+from ama_stream.preprocess import FitTally, native_shape
+from ama_stream.progress import progress
 
 log = logging.getLogger("ama_stream.calibrate")
-
-PROGRESS_EVERY_S = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"scores kept per entry for quantiles and p-values (default {DEFAULT_MAX_SAMPLE})")
     parser.add_argument("--classes", metavar="A,B", help="class selection of a file --source")
     parser.add_argument("--split", choices=["train", "test", "all"], help="split of a file --source (default: all)")
+    parser.add_argument("--skip-corrupt", action="store_true",
+                        help="file sources: skip and count undecodable images instead of stopping at the first")
     parser.add_argument("--data-root", metavar="DIR", help="where relative roots resolve (default: $AMA_DATA_ROOT)")
     parser.add_argument("--device", default="auto", metavar="D", help="auto, cpu or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="frames per scoring batch (default 256)")
@@ -79,8 +81,9 @@ def _check(args: argparse.Namespace, kafka: bool) -> Policy:
     if (kafka or args.publish) and not args.bootstrap:
         raise ValueError(f"{'a kafka: source' if kafka else '--publish'} needs --bootstrap HOST:PORT")
     if kafka:
-        if args.camera_id or args.classes or args.split:
-            raise ValueError("--camera-id, --classes and --split apply to file sources (kafka frames carry camera-id)")
+        if args.camera_id or args.classes or args.split or args.skip_corrupt:
+            raise ValueError("--camera-id, --classes, --split and --skip-corrupt apply to file sources "
+                             "(kafka frames carry camera-id; undecodable frames are always skipped and counted)")
     elif args.window_s is not None:
         raise ValueError("--window-s applies to kafka: sources only")
     elif (args.bootstrap or args.config) and not args.publish:
@@ -97,6 +100,8 @@ def _file_frames(args: argparse.Namespace) -> Iterator[tuple[np.ndarray, str | N
     from ama_stream.sources import iter_images, parse_source, source_classes
 
     spec = parse_source(args.source, args.classes).with_split(args.split)
+    if args.skip_corrupt:
+        spec = spec.model_copy(update={"skip_corrupt": True})
     items = iter_images(spec, args.data_root, seed=args.seed)
     class_names = source_classes(spec, args.data_root) if args.per_camera and not args.camera_id else ()
     for _item_id, image, label in items:
@@ -126,29 +131,31 @@ def _kafka_frames(args: argparse.Namespace, stats) -> Iterator[tuple[np.ndarray,
 
 
 def score_frames(scorer, frames: Iterable[tuple[np.ndarray, str | None]], fitter: CalibrationFitter,
-                 batch_size: int = 256, limit: int | None = None) -> None:
-    """Scores (image, camera id) pairs in batches into `fitter`, at most `limit`, logging progress."""
-    started = last_report = time.monotonic()
+                 batch_size: int = 256, limit: int | None = None) -> FitTally:
+    """Scores (image, camera id) pairs in batches into `fitter`, at most `limit`, with progress.
+    Returns the tally of frames that did not fit the model as they were (size, channels)."""
+    tally = FitTally(scorer.spec)
     images: list[np.ndarray] = []
     cameras: list[str | None] = []
 
     def flush() -> None:
         if images:
             fitter.update(scorer.score_images(images).r, cameras)
+            bar.update(len(images))
             images.clear()
             cameras.clear()
 
-    for count, (image, camera) in enumerate(frames, start=1):
-        images.append(image)
-        cameras.append(camera)
-        if len(images) == batch_size:
-            flush()
-        if time.monotonic() - last_report > PROGRESS_EVERY_S:
-            last_report = time.monotonic()
-            log.info("scored %d frames (%.0f frames/s)", count, count / (last_report - started))
-        if limit is not None and count >= limit:
-            break
-    flush()
+    with progress(total=limit, desc="calibrating", unit="frame") as bar:
+        for count, (image, camera) in enumerate(frames, start=1):
+            tally.add(native_shape(image))
+            images.append(image)
+            cameras.append(camera)
+            if len(images) == batch_size:
+                flush()
+            if limit is not None and count >= limit:
+                break
+        flush()
+    return tally
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,7 +175,10 @@ def run(args: argparse.Namespace) -> int:
         frames = _file_frames(args)
     fitter = CalibrationFitter(per_camera=args.per_camera, max_sample=args.max_sample, seed=args.seed)
     started = time.monotonic()
-    score_frames(scorer, frames, fitter, args.batch_size, args.limit)
+    tally = score_frames(scorer, frames, fitter, args.batch_size, args.limit)
+    misfit = tally.message("frames")
+    if misfit:
+        (log.warning if tally.serious else log.info)("%s", misfit)
     if replay is not None and replay.undecodable:
         log.warning("skipped %d undecodable frames (%s)", sum(replay.undecodable.values()),
                     ", ".join(f"{reason}: {n}" for reason, n in sorted(replay.undecodable.items())))
