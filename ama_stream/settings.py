@@ -139,13 +139,28 @@ def format_validation_error(exc: ValidationError, prefix: str = "invalid setting
     return f"{prefix}: " + "; ".join(parts)
 
 
+def _drop_dotted(data: dict[str, Any], dotted: str) -> None:
+    node: Any = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(parts[-1], None)
+
+
 def load_settings(
     cls: type[T],
     config_file: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
+    replace: tuple[str, ...] = (),
 ) -> T:
-    """Build `cls` from YAML file < environment < overrides; raises SettingsError with one line."""
+    """Build `cls` from YAML file < environment < overrides; raises SettingsError with one line.
+
+    Sources merge key by key; `replace` names dotted keys whose whole value the overrides replace
+    (the file's sub-keys there are dropped first), e.g. "data.normal" for a new source."""
     file_data = read_yaml_file(config_file) if config_file else {}
+    for dotted in replace:
+        _drop_dotted(file_data, dotted)
     holder = type(cls.__name__, (cls,), {"__ama_file_data__": file_data, "__module__": cls.__module__})
     try:
         return holder(**(overrides or {}))  # an instance of a subclass of `cls`

@@ -558,6 +558,32 @@ def has_builtin_split(spec: SourceSpec, data_root: str | os.PathLike | None = No
     return False
 
 
+SHAPE_SAMPLE = 500  # files whose headers decide an automatic model size
+
+
+def native_shapes(spec: SourceSpec, data_root: str | os.PathLike | None = None, *, seed: int = 0,
+                  limit: int = SHAPE_SAMPLE) -> np.ndarray:
+    """(height, width, channels) int32 [n, 3] of up to `limit` selected items (a seeded sample),
+    from file headers only for decoded formats; unreadable headers are left out."""
+    cat = _catalog(spec, resolve_root(spec, data_root))
+    chosen = _select(cat, spec.with_split(None), seed, DEFAULT_TEST_FRACTION)
+    if len(chosen) > limit:
+        chosen = np.sort(np.random.default_rng(seed).choice(chosen, limit, replace=False))
+    shapes = []
+    for i in chosen:
+        if not cat.decoded:
+            shapes.append(preprocess.native_shape(cat.read(i)))
+            continue
+        try:
+            with Image.open(cat.ids[i]) as im:
+                w, h = im.size
+                channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F") else 3
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        shapes.append((h, w, channels))
+    return np.asarray(shapes, dtype=np.int32).reshape(-1, 3)
+
+
 def source_classes(spec: SourceSpec, data_root: str | os.PathLike | None = None) -> tuple[str, ...]:
     """Every class name of the source (ignoring the spec's class selection); () when unlabeled."""
     return _catalog(spec, resolve_root(spec, data_root)).class_names

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from ama_stream.preprocess import PreprocessSpec
 from ama_stream.sources import DataError, parse_source
-from training.datasets import DataConfig, build_protocol, build_test_set
+from training.datasets import DataConfig, build_protocol, build_test_set, resolve_image_shape
 
 
 def raw_labels(path: Path) -> np.ndarray:
@@ -47,7 +47,6 @@ def test_data_config_from_yaml_like_data():
     ({"protocol": "one-class", "anomaly": None}, "needs data.normal.classes"),
     ({"protocol": "one-class", "normal": "idx:mnist"}, "needs data.normal.classes"),
     ({"protocol": "one-class", "normal": {"format": "idx", "root": "mnist", "classes": [1]}}, "remove data.anomaly"),
-    ({"protocol": "industrial", "normal": "folder:line3", "anomaly": None}, "needs data.normal.classes or data.anomaly"),
     ({"normal": {"format": "idx", "root": "mnist", "split": "test"}}, "data.normal.split: the protocol chooses"),
     ({"val_anomalies": 50, "val_fraction": 0}, "set val_fraction > 0"),
     ({"anomaly_fraction": 0}, "anomaly_fraction"),
@@ -125,7 +124,7 @@ def test_one_class_mnist(full_data_root):
 
 def test_one_class_cifar_gray(full_data_root):
     cfg = DataConfig(protocol="one-class", normal={"format": "folder", "root": "cifar10-jpeg", "classes": ["cat"]},
-                     limit_test=400)
+                     limit_test=400, image_size=32, channels=1)
     data = build_protocol(cfg, full_data_root, seed=0)
     assert data.train.shape == (5000, 32, 32, 1) and all("/train/cat/" in i for i in data.train_ids)
     assert len(data.val.labels) == 0
@@ -197,6 +196,48 @@ def test_industrial_folder_tree_uses_every_defect(tmp_image_tree):
     assert data.test.n_anomaly == 12  # all scratches and dents: anomalies are scarce
     assert len(data.train) + data.test.n_normal == 60 and 0 < data.test.n_normal < 25
     assert all("/good/" in i for i in data.train_ids)
+
+
+def test_good_images_only(tmp_image_tree):
+    """A folder of good images alone: train on most, hold out a seeded slice, test set without anomalies."""
+    root = tmp_image_tree({"": 80}, name="good")
+    cfg = DataConfig(protocol="industrial", normal=f"folder:{root}", test_fraction=0.1, image_size=16, channels=1)
+    data = build_protocol(cfg, None, seed=0)
+    assert data.test.n_anomaly == 0 and 0 < data.test.n_normal < 20
+    assert len(data.train) + data.test.n_normal == 80
+    assert not set(data.train_ids) & set(data.test.ids)  # never test on a trained image
+    assert build_test_set(cfg, None, seed=5).ids == data.test.ids  # the split is the files', not the run seed's
+    defects = tmp_image_tree({"": 9}, name="bad", seed=1)
+    test = build_test_set(cfg, None, seed=0, anomaly=parse_source(f"folder:{defects}"))
+    assert test.n_normal == data.test.n_normal and test.n_anomaly == 9  # every defect, the same good slice
+    with pytest.raises(DataError, match="needs anomalies"):
+        build_protocol(cfg.model_copy(update={"val_anomalies": 3, "val_fraction": 0.1}), None, seed=0)
+
+
+def test_good_only_refuses_a_tree_of_classes_without_saying_which_are_good(tmp_image_tree):
+    root = tmp_image_tree({"good": 10, "scratch": 4})
+    cfg = DataConfig(protocol="industrial", normal=f"folder:{root}", image_size=16, channels=1)
+    with pytest.raises(DataError, match="say which are good"):
+        build_protocol(cfg, None, seed=0)
+
+
+@pytest.mark.parametrize("size, mode, expected", [
+    ((80, 60), "RGB", (32, 3)), ((130, 140), "L", (128, 1)), ((70, 300), "L", (64, 1)), ((20, 20), "L", (32, 1)),
+])
+def test_auto_image_size_and_channels_come_from_the_data(tmp_image_tree, size, mode, expected):
+    """The largest of 32/64/128 not above the images' short side (32 when smaller); gray iff all are gray."""
+    root = tmp_image_tree({"": 6}, name="line", size=size, mode=mode)
+    cfg = resolve_image_shape(DataConfig(protocol="industrial", normal=f"folder:{root}"), None)
+    assert (cfg.image_size, cfg.channels) == expected
+    fixed = DataConfig(protocol="industrial", normal=f"folder:{root}", image_size=64, channels=1)
+    assert resolve_image_shape(fixed, None) == fixed  # the config wins
+
+
+def test_mixed_gray_and_colour_images_give_a_colour_model(tmp_image_tree):
+    root = tmp_image_tree({"": 4}, name="mixed", size=(40, 40), mode="L")
+    tmp_image_tree({"": 2}, name="mixed", size=(40, 40), mode="RGB", seed=3, ext=".jpg")
+    cfg = resolve_image_shape(DataConfig(protocol="industrial", normal=f"folder:{root}"), None)
+    assert (cfg.image_size, cfg.channels) == (32, 3)
 
 
 # --------------------------------------------------------------------------- evaluate's replacements

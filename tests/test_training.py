@@ -178,7 +178,7 @@ def test_model_selection_ranks_epochs_by_the_a_score_under_the_fitted_gaussian(m
     }
     epoch = {"now": 0}
 
-    def fake_r_scores(scorer, images, batch_size=256):
+    def fake_r_scores(scorer, images, batch_size=256, desc=""):
         if len(images) == len(val.images):
             return scenarios[epoch["now"]]
         return 10 + rng.standard_normal(len(images))  # the fit subset: N(10, 1)

@@ -112,7 +112,8 @@ class TrainConfig(AmaSettings):
 
     @model_validator(mode="after")
     def _check_model_fits_data(self):
-        self.model_config_for_data()  # raises ValueError with a clear message if not
+        if not self.data.shape_is_auto:  # "auto" is checked once resolved from the data
+            self.model_config_for_data()  # raises ValueError with a clear message if not
         return self
 
     def model_config_for_data(self) -> ModelConfig:

@@ -17,6 +17,7 @@ moves training images into the test set.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from ama_stream.sources import (
     SourceSpec,
     has_builtin_split,
     load_images,
+    native_shapes,
     source_classes,
 )
 
@@ -53,8 +55,10 @@ class DataConfig(Section):
     protocol: Literal["cross", "one-class", "industrial"]
     normal: SourceSpec
     anomaly: SourceSpec | None = None
-    image_size: int = Field(32, ge=4)
-    channels: Literal[1, 3] = 1
+    # "auto": from the normal images -- the largest of AUTO_SIZES not above their short side (32 when
+    # smaller), gray when every image is gray; resolved and logged before training
+    image_size: int | Literal["auto"] = "auto"
+    channels: Literal[1, 3, "auto"] = "auto"
     resize: Literal["auto", "pad", "resize"] = "auto"  # see ama_stream.preprocess.fit_image
     anomaly_fraction: float = Field(0.2, gt=0)  # cross: anomalies per normal test image
     test_fraction: float = Field(0.2, gt=0, lt=1)  # test share of sources without a built-in split
@@ -79,10 +83,6 @@ class DataConfig(Section):
             if self.anomaly is not None:
                 raise ValueError("the one-class protocol takes its anomalies from the other classes of "
                                  "data.normal; remove data.anomaly")
-        if (self.protocol == "industrial" and self.normal.format != "elpv" and self.normal.classes is None
-                and self.anomaly is None):
-            raise ValueError("the industrial protocol needs data.normal.classes or data.anomaly "
-                             "to tell normal images from anomalies")
         if self.val_anomalies and self.val_fraction == 0:
             raise ValueError("val_anomalies needs normal validation images too: set val_fraction > 0")
         return self
@@ -92,8 +92,38 @@ class DataConfig(Section):
             return self.val_fraction
         return DEFAULT_VAL_FRACTION if self.val_anomalies else 0.0
 
+    @property
+    def shape_is_auto(self) -> bool:
+        return self.image_size == "auto" or self.channels == "auto"
+
     def preprocess_spec(self) -> PreprocessSpec:
+        if self.shape_is_auto:
+            raise ValueError("data.image_size/channels are 'auto': resolve them from the data first (resolve_image_shape)")
         return PreprocessSpec(image_size=self.image_size, channels=self.channels, resize=self.resize)
+
+
+AUTO_SIZES = (32, 64, 128)
+
+
+def resolve_image_shape(cfg: DataConfig, data_root: str | os.PathLike | None) -> DataConfig:
+    """cfg with an "auto" image_size/channels replaced from the normal images' file headers."""
+    if not cfg.shape_is_auto:
+        return cfg
+    shapes = native_shapes(cfg.normal, data_root, seed=cfg.split_seed)
+    if len(shapes) == 0:
+        raise DataError(f"{cfg.normal}: no readable image to choose the model size from")
+    short = int(shapes[:, :2].min())
+    size = cfg.image_size
+    if size == "auto":
+        fitting = [s for s in AUTO_SIZES if s <= short]
+        size = fitting[-1] if fitting else AUTO_SIZES[0]
+    channels = cfg.channels
+    if channels == "auto":
+        channels = 1 if bool((shapes[:, 2] == 1).all()) else 3
+    log.info("model input from the data: %dx%d, %s (%d images looked at; shortest side %d px%s)", size, size,
+             "gray" if channels == 1 else "colour", len(shapes), short,
+             "" if cfg.image_size != "auto" or short >= size else f", padded or resized up to {size}")
+    return cfg.model_copy(update={"image_size": size, "channels": channels})
 
 
 @dataclass(frozen=True)
@@ -134,7 +164,7 @@ class _Plan:
     """Which images form each side of a protocol."""
 
     normal: SourceSpec
-    anomaly: SourceSpec
+    anomaly: SourceSpec | None  # None: good images only (industrial protocol without defects)
     anomaly_test_split: Literal["test", "all"]  # industrial: every anomaly is for evaluation
     anomaly_val_split: Literal["train", "all"]  # "all": val picks are removed from the test pool
     sample_anomalies: bool  # cross: sample the test anomalies to anomaly_fraction x normal count
@@ -212,9 +242,24 @@ def _plan(cfg: DataConfig, data_root: str | os.PathLike | None) -> _Plan:
     elif normal.format == "elpv":
         anomaly = normal.with_classes(ELPV_ANOMALY_CLASSES)
     else:
-        anomaly = _other_classes(normal, data_root)
-    _check_disjoint(normal, anomaly)
+        anomaly = _good_only_or_other_classes(normal, data_root)
+    if anomaly is not None:
+        _check_disjoint(normal, anomaly)
     return _Plan(normal, anomaly, "all", "all", sample_anomalies=False)
+
+
+def _good_only_or_other_classes(normal: SourceSpec, data_root: str | os.PathLike | None) -> SourceSpec | None:
+    """Industrial without data.anomaly: a folder of good images alone trains on good images only
+    (None); with classes selected, the source's other classes (if any) are the anomalies."""
+    names = source_classes(normal, data_root)
+    if normal.classes is None:
+        if len(names) > 1:
+            raise DataError(f"{normal.root} holds the classes {', '.join(names)}: say which are good with "
+                            "data.normal.classes (the others become the test anomalies), or point data.normal "
+                            "at the folder of good images")
+        return None
+    others = [n for n in names if normal.with_classes([n]).classes[0] not in normal.classes]
+    return normal.with_classes(others) if others else None
 
 
 def _rng(seed: int, purpose: int) -> np.random.Generator:
@@ -262,8 +307,10 @@ def _val_anomaly_picks(cfg: DataConfig, pool: LabeledImages, seed: int) -> np.nd
 def _test_set(cfg: DataConfig, reader: _Reader, plan: _Plan, seed: int,
               normal: SourceSpec | None, anomaly: SourceSpec | None) -> EvalSet:
     normal_test = reader.load_replacement(normal) if normal else reader.load(plan.normal, "test")
-    if anomaly is not None:
-        pool, sample = reader.load_replacement(anomaly), True
+    if anomaly is not None:  # sampled as the protocol samples its own (cross: to anomaly_fraction)
+        pool, sample = reader.load_replacement(anomaly), plan.sample_anomalies
+    elif plan.anomaly is None:  # good images only: the held-out good slice is the whole test set
+        return _limit(_eval_set(normal_test, normal_test.take([])), cfg.limit_test, _rng(seed, _LIMIT_TEST))
     else:
         pool, sample = reader.load(plan.anomaly, plan.anomaly_test_split), plan.sample_anomalies
         if plan.anomaly_val_split == "all" and cfg.val_anomalies:
@@ -282,6 +329,14 @@ def _test_set(cfg: DataConfig, reader: _Reader, plan: _Plan, seed: int,
     return _limit(_eval_set(normal_test, pool), cfg.limit_test, _rng(seed, _LIMIT_TEST))
 
 
+def holdout_record(test: EvalSet) -> dict:
+    """What a checkpoint records of its held-out normal test images (never trained on), so that
+    `evaluate` can check it scores the same slice: their count and a digest of their sorted ids."""
+    ids = sorted(test.ids[i] for i in np.flatnonzero(test.labels == 0))
+    return {"holdout_normal_count": len(ids),
+            "holdout_normal_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+
+
 def _check_seed(seed: int) -> None:
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -295,10 +350,14 @@ def build_test_set(
     anomaly: SourceSpec | None = None,
 ) -> EvalSet:
     """The protocol's test set; `normal` / `anomaly` replace that side (a replaced anomaly side is
-    sampled to anomaly_fraction of the normal count; a replacement without a split is used whole)."""
+    sampled as the protocol samples its own anomalies: to anomaly_fraction of the normal count for
+    cross, whole otherwise; a replacement without a split is used whole). A good-only industrial
+    protocol without a replacement gives the held-out good images alone (no anomalies)."""
     _check_seed(seed)
+    plan = _plan(cfg, data_root)
+    cfg = resolve_image_shape(cfg, data_root)
     reader = _Reader(cfg, data_root)
-    test = _test_set(cfg, reader, _plan(cfg, data_root), seed, normal, anomaly)
+    test = _test_set(cfg, reader, plan, seed, normal, anomaly)
     log.info("test set: %d normal + %d anomalies", test.n_normal, test.n_anomaly)
     return test
 
@@ -306,8 +365,9 @@ def build_test_set(
 def build_protocol(cfg: DataConfig, data_root: str | os.PathLike | None, seed: int) -> ProtocolData:
     """Train (normal only), validation and test data of cfg.protocol, reproducible for a seed."""
     _check_seed(seed)
-    reader = _Reader(cfg, data_root)
     plan = _plan(cfg, data_root)
+    cfg = resolve_image_shape(cfg, data_root)
+    reader = _Reader(cfg, data_root)
     pool = reader.load(plan.normal, "train")
     order = _rng(seed, _VAL_SPLIT).permutation(len(pool))
     val_fraction = cfg.effective_val_fraction()
@@ -319,6 +379,8 @@ def build_protocol(cfg: DataConfig, data_root: str | os.PathLike | None, seed: i
         train = train.take(_sample(len(train), cfg.limit_train, _rng(seed, _LIMIT_TRAIN)))
     if len(train) == 0:
         raise DataError(f"no normal training images left in {plan.normal} after holding out validation")
+    if cfg.val_anomalies and plan.anomaly is None:
+        raise DataError("data.val_anomalies needs anomalies: this protocol has good images only (add data.anomaly)")
     val_anomalies = reader.load(plan.anomaly, plan.anomaly_val_split) if cfg.val_anomalies else None
     if val_anomalies is not None:
         val_anomalies = val_anomalies.take(_val_anomaly_picks(cfg, val_anomalies, seed))

@@ -29,7 +29,7 @@ from ama_stream.scoring import Scorer, resolve_device
 from ama_stream.sources import resolve_data_root
 
 from .config import TrainConfig
-from .datasets import ProtocolData, build_protocol
+from .datasets import ProtocolData, build_protocol, holdout_record, resolve_image_shape
 from .evaluate import detection_metrics, fit_gaussian, full_metrics, good_only_metrics, r_scores
 from .losses import AMAObjective
 from .negatives import needs_codes, sample_negatives
@@ -252,6 +252,8 @@ class Trainer:
             metrics.update(good_only_metrics(scorer, test.images[test.labels == 0], r_test[test.labels == 0], calibration))
         if test is not None and test.n_normal and test.n_anomaly:
             metrics.update(full_metrics(r_test, test.labels, calibration, self.cfg.seed))
+        if test is not None and test.ids:
+            metrics.update(holdout_record(test))
         log.info("test: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         ckpt.metrics = metrics
         if not self.out_dir:
@@ -340,10 +342,14 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: str | Pat
     """Load the protocol's data, train, fit mu/sigma, evaluate, write OUT/model.pt + metrics.json."""
     if data is None:
         data_root = resolve_data_root(cfg.data_root)
+        cfg = cfg.model_copy(update={"data": resolve_image_shape(cfg.data, data_root)})
         t0 = time.monotonic()
         data = build_protocol(cfg.data, data_root, cfg.seed)
         log.info("loaded data in %.1fs: %d train, %s test", time.monotonic() - t0, len(data.train),
                  len(data.test.labels) if data.test is not None else 0)
+    elif cfg.data.shape_is_auto:  # arrays handed in: they already have the model's shape
+        size, channels = int(data.train.shape[1]), int(data.train.shape[3])
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_size": size, "channels": channels})})
     trainer = Trainer(cfg, data, out_dir)
     if resume:
         trainer.load_train_state(resume)

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="FILE", help="the model checkpoint to calibrate")
     parser.add_argument("--source", required=True, metavar="SPEC",
                         help="known-normal frames: FORMAT:ROOT (folder:/data/line3/good, idx:fashion-mnist, npz:/x.npz, "
-                             "elpv:elpv) or kafka:TOPIC with --bootstrap")
+                             "elpv:elpv), kafka:TOPIC with --bootstrap, or `heldout`: the good images the checkpoint "
+                             "held out from training")
     parser.add_argument("--out", required=True, metavar="FILE", help="calibration file to write (atomically)")
     parser.add_argument("--limit", type=int, metavar="N", help="use at most N frames")
     parser.add_argument("--policy", choices=POLICIES, default="two-sided",
@@ -95,14 +96,32 @@ def _check(args: argparse.Namespace, kafka: bool) -> Policy:
     return Policy.make(args.policy, args.target_fpr, args.k)
 
 
-def _file_frames(args: argparse.Namespace) -> Iterator[tuple[np.ndarray, str | None]]:
-    """(native image, camera id) of a file source."""
-    from ama_stream.sources import iter_images, parse_source, source_classes
+HELDOUT = "heldout"
 
-    spec = parse_source(args.source, args.classes).with_split(args.split)
+
+def _heldout_spec(checkpoint, data_root):
+    """The checkpoint's held-out normal images: its training source's test split, split as in training."""
+    from ama_stream.sources import DEFAULT_TEST_FRACTION, SourceSpec
+
+    data = (checkpoint.train_config or {}).get("data") or {}
+    if not data.get("normal"):
+        raise ValueError("--source heldout: the checkpoint records no training source; name the frames with --source")
+    spec = SourceSpec.model_validate(data["normal"]).with_split("test")
+    return spec, int(data.get("split_seed", 0)), float(data.get("test_fraction", DEFAULT_TEST_FRACTION))
+
+
+def _file_frames(args: argparse.Namespace, checkpoint) -> Iterator[tuple[np.ndarray, str | None]]:
+    """(native image, camera id) of a file source."""
+    from ama_stream.sources import DEFAULT_TEST_FRACTION, iter_images, parse_source, source_classes
+
+    if args.source.strip() == HELDOUT:
+        spec, split_seed, test_fraction = _heldout_spec(checkpoint, args.data_root)
+    else:
+        spec = parse_source(args.source, args.classes).with_split(args.split)
+        split_seed, test_fraction = args.seed, DEFAULT_TEST_FRACTION
     if args.skip_corrupt:
         spec = spec.model_copy(update={"skip_corrupt": True})
-    items = iter_images(spec, args.data_root, seed=args.seed)
+    items = iter_images(spec, args.data_root, seed=split_seed, test_fraction=test_fraction)
     class_names = source_classes(spec, args.data_root) if args.per_camera and not args.camera_id else ()
     for _item_id, image, label in items:
         if args.camera_id:
@@ -172,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         replay = ReplayStats()
         frames = _kafka_frames(args, replay)
     else:
-        frames = _file_frames(args)
+        frames = _file_frames(args, scorer.checkpoint)
     fitter = CalibrationFitter(per_camera=args.per_camera, max_sample=args.max_sample, seed=args.seed)
     started = time.monotonic()
     tally = score_frames(scorer, frames, fitter, args.batch_size, args.limit)

@@ -1,7 +1,11 @@
-"""`ama-stream evaluate`: score a test protocol with a checkpoint; ONE JSON line on stdout.
+"""`ama-stream evaluate`: score a test protocol with a checkpoint; ONE JSON line on stdout and a
+short table for people on stderr.
 
 Test data defaults to the protocol in the checkpoint's training config; --normal/--anomaly
-replace either side (anomalies are still sampled to data.anomaly_fraction of the normal count).
+replace either side (replacement anomalies are sampled as the protocol samples: to
+data.anomaly_fraction of the normal count for cross, whole otherwise). A model trained on good
+images only is scored on its held-out good slice -- never an image it trained on; the checkpoint
+records which -- against --anomaly if given, else on its own (false-alarm rate, R-score spread).
 """
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ from ama_stream.sources import parse_source, resolve_data_root
 from ..config import TrainConfig
 from ama_stream.calibration import Calibration
 
-from ..datasets import build_test_set
-from ..evaluate import full_metrics, human_table, r_scores
+from ama_stream.preprocess import FitTally
+
+from ..datasets import build_test_set, holdout_record
+from ..evaluate import full_metrics, good_only_metrics, human_table, r_scores
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--plots", metavar="DIR", help="write the report there: R-score densities (the paper's Fig. 4), "
                                                   "ROC and PR curves, reconstructions and report.html")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip and count undecodable images instead of stopping")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the training config's data section, e.g. data.limit_test=500")
 
@@ -48,6 +55,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _classes(text: str | None) -> list[str] | None:
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
+
+def _source(text: str | None, classes: str | None, skip_corrupt: bool):
+    if not text:
+        return None
+    spec = parse_source(text, _classes(classes))
+    return spec.model_copy(update={"skip_corrupt": True}) if skip_corrupt else spec
+
+
+def _check_inputs(ckpt, test, own_normals: bool) -> None:
+    """Warnings a user must see: images that do not fit the model, a held-out slice that changed."""
+    if test.shapes is not None:
+        tally = FitTally(ckpt.preprocess).add_all(test.shapes)
+        misfit = tally.message("test images")
+        if misfit:
+            (log.warning if tally.serious else log.info)("%s", misfit)
+    recorded = ckpt.metrics.get("holdout_normal_sha256")
+    if own_normals and recorded and test.ids:
+        now = holdout_record(test)
+        if now["holdout_normal_sha256"] != recorded:
+            log.warning("the held-out normal images are not those recorded at training (%d now, %d then): files "
+                        "were added to or removed from the source. Each file keeps its side of the split, so no "
+                        "trained-on image is scored, but the numbers differ from the training report's",
+                        now["holdout_normal_count"], ckpt.metrics.get("holdout_normal_count", 0))
 
 def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
@@ -60,14 +90,22 @@ def run(args: argparse.Namespace) -> int:
         stored = {k: v for k, v in ckpt.train_config.items() if k != "data_root"}  # paths of the training machine
         cfg = TrainConfig.model_validate(deep_merge(stored, overrides))
     seed = cfg.seed if args.seed is None else args.seed
-    normal = parse_source(args.normal, _classes(args.normal_classes)) if args.normal else None
-    anomaly = parse_source(args.anomaly, _classes(args.anomaly_classes)) if args.anomaly else None
+    normal = _source(args.normal, args.normal_classes, args.skip_corrupt)
+    anomaly = _source(args.anomaly, args.anomaly_classes, args.skip_corrupt)
+    data = cfg.data
+    if args.skip_corrupt:
+        data = data.model_copy(update={side: getattr(data, side).model_copy(update={"skip_corrupt": True})
+                                       for side in ("normal", "anomaly") if getattr(data, side) is not None})
     data_root = resolve_data_root(args.data_root)
-    test = build_test_set(cfg.data, data_root, seed, normal=normal, anomaly=anomaly)
+    test = build_test_set(data, data_root, seed, normal=normal, anomaly=anomaly)
+    _check_inputs(ckpt, test, normal is None)
     scorer = Scorer(ckpt, device=args.device)
-    r = r_scores(scorer, test.images, batch_size=args.batch_size)
+    r = r_scores(scorer, test.images, batch_size=args.batch_size, desc="scoring test images")
     calibration = Calibration.from_checkpoint(ckpt)
-    result = full_metrics(r, test.labels, calibration, seed)
+    good = test.labels == 0
+    result = good_only_metrics(scorer, test.images[good], r[good], calibration)
+    if test.n_anomaly and test.n_normal:
+        result.update(full_metrics(r, test.labels, calibration, seed))
     result.update(
         model_id=ckpt.model_id,
         checkpoint=str(Path(args.checkpoint)),
