@@ -105,7 +105,7 @@ class SourceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["idx", "folder", "elpv", "npz"]
+    format: Literal["idx", "folder", "elpv", "npz"]  # idx (MNIST family), folder (one subfolder per class, or one folder = one class), elpv, npz
     root: str  # a relative root resolves against the data root
     classes: tuple[str | int | float, ...] | None = None  # None: every class
     split: Literal["train", "test", "all"] | None = None  # None: all, unless a protocol chooses
@@ -720,3 +720,10 @@ def iter_images(
             yield cat.ids[i], image, (label if label >= 0 else None)
 
     return generate()
+
+
+def load_images_from_folder(root: str | os.PathLike, skip_corrupt: bool = False) -> list[np.ndarray]:
+    """Every image under a folder (recursively, PNG/JPEG/BMP, sorted by path) as native uint8 arrays,
+    ready for Scorer.score_images; an undecodable file raises DataError unless skip_corrupt."""
+    spec = SourceSpec(format="folder", root=str(root), skip_corrupt=skip_corrupt)
+    return [image for _id, image, _label in iter_images(spec, None)]

@@ -18,26 +18,26 @@ from .datasets import DataConfig
 
 
 class ModelSection(Section):
-    nz: int = Field(128, ge=1)
-    enc_width: int = Field(64, ge=1)
-    gen_width: int = Field(256, ge=1)
-    disc_width: int = Field(128, ge=1)
-    spectral_norm: bool = True
+    nz: int = Field(128, ge=1)  # size of the latent code E(x)
+    enc_width: int = Field(64, ge=1)  # encoder channels at the first down-sampling step (doubling at each)
+    gen_width: int = Field(256, ge=1)  # generator channels in every residual block
+    disc_width: int = Field(128, ge=1)  # critic channels; also the size of the features f the R-score compares
+    spectral_norm: bool = True  # spectral norm on every critic layer
     mirrored: bool = True  # False = the "w/o mirrored" ablation: D sees single images
     gen_shortcut: Literal["conv", "identity"] = "conv"  # G up-block shortcut: learned 1x1 (authors) or identity
     init: Literal["xavier", "default"] = "xavier"  # the authors' SNGAN xavier init of G and D, or PyTorch's
 
 
 class GradientPenaltySection(Section):
-    enabled: bool = True
-    weight: float = Field(10.0, ge=0)
+    enabled: bool = True  # WGAN-GP penalty on interpolates between (x, x) and (x, G(E(x)))
+    weight: float = Field(10.0, ge=0)  # lambda of the penalty
     # interpolates per step the penalty is estimated on (a random subset of the batch; None = all):
     # the double backward is the costly part on CPUs, and a subset is still an unbiased estimate
     samples: int | None = Field(None, ge=1)
 
 
 class InterpolationSection(Section):
-    enabled: bool = True
+    enabled: bool = True  # simplex interpolation of k codes, scored against the first source image
     k: int = Field(3, ge=2)  # codes mixed per interpolant
     alpha_max: float = Field(0.5, gt=0)  # alpha_i ~ U(0, alpha_max), weights alpha_i / sum(alpha)
     weight: float = Field(0.5, ge=0)  # lambda_inter
@@ -49,9 +49,9 @@ class InterpolationSection(Section):
 class NegativesSection(Section):
     """Atypical selection: latent codes outside the data's typical region, decoded as negatives."""
 
-    enabled: bool = True
-    mode: Literal["shell", "relative", "cube"] = "shell"
-    direction: Literal["inward", "outward"] = "inward"
+    enabled: bool = True  # atypical latent codes decoded as negatives E/G must not reconstruct
+    mode: Literal["shell", "relative", "cube"] = "shell"  # shell: the paper's spherical shell; relative: scaled E(x) (the authors' code); cube: Sipple 2020
+    direction: Literal["inward", "outward"] = "inward"  # shell/relative: inside or outside the normal codes' radius
     radius: Literal["typical", "empirical"] | float = "typical"  # typical: sqrt(nz); empirical: batch median ||E(x)||
     # shell radius law: uniform in [r_in, r_out] (the paper), or uniform over the shell's volume
     radial: Literal["uniform", "volume"] = "uniform"
@@ -80,21 +80,21 @@ class LossSection(Section):
 
 
 class OptimSection(Section):
-    lr: float = Field(3e-4, gt=0)
-    betas_e: tuple[float, float] = (0.5, 0.9)
-    betas_g: tuple[float, float] = (0.0, 0.9)
-    betas_d: tuple[float, float] = (0.0, 0.9)
+    lr: float = Field(3e-4, gt=0)  # Adam learning rate of E, G and D
+    betas_e: tuple[float, float] = (0.5, 0.9)  # Adam betas of the encoder
+    betas_g: tuple[float, float] = (0.0, 0.9)  # Adam betas of the generator
+    betas_d: tuple[float, float] = (0.0, 0.9)  # Adam betas of the critic
     milestones: list[int] = [30, 60, 90]  # epochs at which every lr is multiplied by gamma
-    gamma: float = Field(0.1, gt=0)
+    gamma: float = Field(0.1, gt=0)  # lr factor at each milestone
     d_steps: int = Field(5, ge=1)  # critic updates per E/G update
 
 
 class TrainSection(Section):
-    epochs: int = Field(100, ge=1)
-    batch_size: int = Field(256, ge=2)
+    epochs: int = Field(100, ge=1)  # passes over the training images (or of steps_per_epoch steps)
+    batch_size: int = Field(256, ge=2)  # normal images per step
     steps_per_epoch: int | None = Field(None, ge=1)  # cap an epoch (CPU presets); None = one pass
     max_steps: int | None = Field(None, ge=1)  # stop after this many E/G steps in all
-    log_every: int = Field(50, ge=1)
+    log_every: int = Field(50, ge=1)  # a loss line (and a metrics.csv row) every N steps
     channels_last: bool = True  # NHWC activations: about 2x faster convolutions on CPU (mkldnn)
     fit_max_images: int = Field(20000, ge=2)  # training images used to fit mu/sigma of R
     select_from_epoch: int = Field(20, ge=0)  # model selection with labelled val anomalies starts here
@@ -106,8 +106,8 @@ class TrainConfig(AmaSettings):
     loss: LossSection = LossSection()
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0  # seeds weights, data order, negatives and the test sampling
+    device: str = "auto"  # auto (first CUDA device, else CPU), cpu or cuda:N
     data_root: str | None = None  # AMA_DATA_ROOT; relative data roots resolve against it
 
     @model_validator(mode="after")

@@ -52,13 +52,13 @@ _VAL_SPLIT, _VAL_ANOMALIES, _TEST_ANOMALIES, _LIMIT_TRAIN, _LIMIT_VAL, _LIMIT_TE
 class DataConfig(Section):
     """The `data:` block of a training config."""
 
-    protocol: Literal["cross", "one-class", "industrial"]
+    protocol: Literal["cross", "one-class", "industrial"]  # cross: another dataset is the anomalies; one-class: the other classes; industrial: defects (or none: good images only)
     normal: SourceSpec
     anomaly: SourceSpec | None = None
     # "auto": from the normal images -- the largest of AUTO_SIZES not above their short side (32 when
     # smaller), gray when every image is gray; resolved and logged before training
     image_size: int | Literal["auto"] = "auto"
-    channels: Literal[1, 3, "auto"] = "auto"
+    channels: Literal[1, 3, "auto"] = "auto"  # 1 = gray, 3 = colour, auto (see image_size)
     resize: Literal["auto", "pad", "resize"] = "auto"  # see ama_stream.preprocess.fit_image
     anomaly_fraction: float = Field(0.2, gt=0)  # cross: anomalies per normal test image
     test_fraction: float = Field(0.2, gt=0, lt=1)  # test share of sources without a built-in split

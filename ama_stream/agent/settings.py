@@ -43,16 +43,16 @@ class KafkaSection(Section):
     """Connection and security, shared by the consumer and the producer."""
 
     bootstrap_servers: str = "localhost:9092"  # comma-separated HOST:PORT list
-    client_id: str = "ama-stream"
-    security_protocol: SecurityProtocol = "PLAINTEXT"
-    sasl_mechanism: SaslMechanism | None = None
-    sasl_plain_username: str | None = None
-    sasl_plain_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_password: SecretStr | None = None
-    ssl_check_hostname: bool = True
+    client_id: str = "ama-stream"  # client id shown in broker logs and quotas
+    security_protocol: SecurityProtocol = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+    sasl_mechanism: SaslMechanism | None = None  # PLAIN, SCRAM-SHA-256/512, GSSAPI or OAUTHBEARER (SASL only)
+    sasl_plain_username: str | None = None  # SASL user (PLAIN/SCRAM)
+    sasl_plain_password: SecretStr | None = None  # SASL password (PLAIN/SCRAM); masked in logs
+    ssl_cafile: Path | None = None  # CA bundle that signs the brokers' certificates (SSL)
+    ssl_certfile: Path | None = None  # client certificate (mutual TLS)
+    ssl_keyfile: Path | None = None  # client key (mutual TLS)
+    ssl_password: SecretStr | None = None  # password of the client key; masked in logs
+    ssl_check_hostname: bool = True  # verify that the broker certificate matches its host name
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -97,10 +97,10 @@ class KafkaSection(Section):
 
 
 class TopicsSection(Section):
-    frames: str = "frames"
+    frames: str = "frames"  # the topic cameras publish frames to
     scores: str | None = "scores"  # one record per frame; null disables
     alerts: str = "alerts"  # the score record of anomalous frames only
-    dead_letter: str = "frames-dlq"
+    dead_letter: str = "frames-dlq"  # undecodable or refused frames, with an error header
     calibration: str | None = None  # control topic carrying calibration JSON documents; null disables
 
     @field_validator("frames", "alerts", "dead_letter", "scores", "calibration")
@@ -131,13 +131,13 @@ class BatchingSection(Section):
 
 
 class LimitsSection(Section):
-    max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1)  # larger frame values are dead-lettered undecoded
     max_pixels: int = Field(4096 * 4096, ge=1)  # width x height, checked from the header before decoding
 
 
 class MetricsSection(Section):
-    enabled: bool = True
-    host: str = "0.0.0.0"
+    enabled: bool = True  # serve /metrics, /healthz and /readyz over HTTP
+    host: str = "0.0.0.0"  # address the metrics/health server binds
     port: int = Field(9400, ge=0, le=65535)  # 0: any free port (logged at start-up)
     stall_s: float = Field(60.0, gt=0)  # /healthz fails when the run loop made no progress for this long
 
@@ -145,8 +145,8 @@ class MetricsSection(Section):
 class RetrySection(Section):
     """Backoff while the broker is unreachable: initial_s doubling up to max_s."""
 
-    initial_s: float = Field(0.5, gt=0)
-    max_s: float = Field(30.0, gt=0)
+    initial_s: float = Field(0.5, gt=0)  # first backoff after a broker failure
+    max_s: float = Field(30.0, gt=0)  # longest backoff
     connect_timeout_s: float = Field(10.0, gt=0)  # one connection attempt at start-up
     lag_every_s: float = Field(5.0, gt=0)  # consumer lag / broker liveness probe interval
 
@@ -154,7 +154,7 @@ class RetrySection(Section):
 class DriftSection(Section):
     """When a camera's live scores count as drifted from the calibration (ama_stream.drift)."""
 
-    enabled: bool = True
+    enabled: bool = True  # watch each camera's scores for drift and log when recalibration is due
     window: int = Field(1000, ge=2)  # frames per camera in the rolling statistics
     min_frames: int = Field(200, ge=1)  # a camera is judged once its windows hold this many
     mean_tolerance: float = Field(0.5, gt=0)  # |mean z of normal frames - expected| in z units
@@ -175,17 +175,17 @@ class DriftSection(Section):
 class AgentSettings(AmaSettings):
     kafka: KafkaSection = KafkaSection()
     topics: TopicsSection = TopicsSection()
-    group_id: str = Field("ama-stream", min_length=1)
+    group_id: str = Field("ama-stream", min_length=1)  # consumer group: agents in one group share the partitions
     batching: BatchingSection = BatchingSection()
     limits: LimitsSection = LimitsSection()
     metrics: MetricsSection = MetricsSection()
     retry: RetrySection = RetrySection()
-    device: str = "auto"
+    device: str = "auto"  # auto (first CUDA device, else CPU), cpu or cuda:N
     # CPU threads for the model; null = auto: on the CPU all cores but one (decoding and Kafka I/O
     # run beside the model, and a thread team that has to wait for a preempted member stalls)
     torch_threads: int | None = Field(None, ge=1)
-    checkpoint: Path | None = None
-    calibration: Path | None = None
+    checkpoint: Path | None = None  # model.pt to score with (required to serve)
+    calibration: Path | None = None  # calibration JSON from `ama-stream calibrate`, watched for changes; none: the checkpoint's |z| > 3
     calibration_check_s: float = Field(1.0, gt=0)  # how often the calibration file and control topic are checked
     drift: DriftSection = DriftSection()
     max_frames: int | None = Field(None, ge=1)  # stop after this many frames were handled
