@@ -124,12 +124,14 @@ class FitTally:
     def __init__(self, spec: PreprocessSpec):
         self.spec = spec
         self.total = 0
+        self.mismatched = 0  # images with at least one reason
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
 
     def add(self, shape: tuple[int, int, int]) -> tuple[str, ...]:
         self.total += 1
         reasons = fit_reasons(shape, self.spec)
+        self.mismatched += bool(reasons)
         for reason in reasons:
             self.counts[reason] += 1
             seen = self.examples.setdefault(reason, [])
@@ -149,7 +151,7 @@ class FitTally:
             return None
         target = f"{self.spec.image_size}x{self.spec.image_size}x{self.spec.channels}"
         parts = [f"{self.counts[r]} {r} (e.g. {', '.join(self.examples[r])} as WxHxC)" for r in sorted(self.counts)]
-        return f"{max(self.counts.values())} of {self.total} {what} do not match the model's {target}: " + "; ".join(parts)
+        return f"{self.mismatched} of {self.total} {what} do not match the model's {target}: " + "; ".join(parts)
 
     @property
     def serious(self) -> bool:

@@ -172,10 +172,15 @@ def write_html(path: Path, title: str, metrics: Mapping[str, object], images: Se
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:13px}}figure{{display:inline-block;margin:1em}}
 img{{max-width:100%}}</style></head>
-<body><h1>{html.escape(title)}</h1>
+<body data-images-broken="unknown"><h1>{html.escape(title)}</h1>
 <ul>{note_items}</ul>
 <table>{rows}</table>
 {figs}
+<script>/* says on the page whether every plot loaded (checked by tests in headless Chromium) */
+window.addEventListener("load", function () {{
+  var broken = Array.prototype.filter.call(document.images, function (im) {{ return !im.complete || im.naturalWidth === 0; }});
+  document.body.setAttribute("data-images-broken", String(broken.length));
+}});</script>
 </body></html>
 """
     atomic_write_bytes(path, page.encode())

@@ -21,6 +21,9 @@ class AgentMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.frames = Counter("ama_frames_scored", "Frames scored and published", registry=r)
+        self.frames_resized = Counter(
+            "ama_frames_resized", "Frames that did not enter the model as they were, by reason (padded, resized, "
+            "channels)", ["reason"], registry=r)
         self.alerts = Counter("ama_alerts", "Frames judged anomalous (alerts published)", registry=r)
         self.dead_lettered = Counter(
             "ama_frames_dead_lettered", "Frames sent to the dead-letter topic", ["reason"], registry=r

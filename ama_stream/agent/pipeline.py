@@ -16,6 +16,7 @@ import torch
 from kafka.structs import TopicPartition
 
 from ama_stream.calibration import Calibration
+from ama_stream.preprocess import FitTally, native_shape
 from ama_stream.scoring import Scorer
 
 from .frames import FrameError, FrameLimits, decode_frame
@@ -50,6 +51,7 @@ class DecodedBatch:
     epoch: int
     size: int  # frames in the batch, decodable or not
     decode_s: float
+    misfit: FitTally | None = None  # frames that did not fit the model as they were (size, channels)
 
 
 @dataclass
@@ -101,6 +103,9 @@ class FrameDecoder:
                 continue
             frames.append(meta)
             values.append(rec.value)
+        misfit = FitTally(self.scorer.spec)
+        for img in images:
+            misfit.add(native_shape(img))
         inputs = self._prepare(frames, values, images, rejected)
         return DecodedBatch(
             frames=frames,
@@ -111,6 +116,7 @@ class FrameDecoder:
             epoch=batch.epoch,
             size=len(batch.records),
             decode_s=time.perf_counter() - t0,
+            misfit=misfit,
         )
 
     def _prepare(self, frames: list[FrameMeta], values: list[bytes], images: list[np.ndarray],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -57,6 +58,7 @@ from .settings import AgentSettings
 log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 200  # longest poll while nothing is in flight: bounds the reaction to stop()
+MISFIT_LOG_S = 600.0  # frames resized or converted for the model: a warning at most this often
 # Commit errors that mean "the group is rebalancing", not "the broker is unreachable".
 GROUP_STATE_ERRORS = (RebalanceInProgressError, CommitFailedError, IllegalGenerationError, UnknownMemberIdError)
 
@@ -155,6 +157,7 @@ class Agent:
         self._raw_since = 0.0
         self._raw_epoch = 0  # OffsetBook epoch before the poll that returned the first record in _raw
         self._pending: deque[Future[DecodedBatch]] = deque()
+        self._misfit_logged = -math.inf
         self.outbox: PublishWorker | None = None
         self._taken = 0  # frames polled so far (for max_frames)
         self._idle_since = time.monotonic()
@@ -438,6 +441,7 @@ class Agent:
         m.alerts.inc(alerts)
         for rej in result.rejected:
             m.dead_lettered.labels(reason=rej.reason).inc()
+        self._account_misfit(batch)
         acked_ms = time.time() * 1000
         for f in result.scored:
             if f.meta.captured_at is not None:
@@ -445,6 +449,17 @@ class Agent:
         self.stats.scored += len(result.scored)
         self.stats.alerts += alerts
         self.stats.dead_lettered += len(result.rejected)
+
+    def _account_misfit(self, batch: DecodedBatch) -> None:
+        """Counts frames that did not fit the model; warns on the first and then every MISFIT_LOG_S."""
+        if batch.misfit is None or not batch.misfit.counts:
+            return
+        for reason, n in batch.misfit.counts.items():
+            self.metrics.frames_resized.labels(reason=reason).inc(n)
+        now = time.monotonic()
+        if batch.misfit.serious and now - self._misfit_logged >= MISFIT_LOG_S:
+            self._misfit_logged = now
+            log.warning("%s (counted in ama_frames_resized_total)", batch.misfit.message("frames of a batch"))
 
     # -- broker interaction --------------------------------------------------------------------
     def _commit(self, sync: bool = False) -> None:

@@ -127,3 +127,23 @@ def test_two_agents_in_one_group_share_partitions_and_score_everything(make_topi
     assert scored_ids == {item.frame_id for item in items}  # together, every frame
     assert first.agent.stats.scored > 0 and second.agent.stats.scored > 0  # both took a share
     assert first.agent.stats.scored + second.agent.stats.scored >= len(items)
+
+
+def test_frames_that_do_not_fit_the_model_are_counted_and_reported(make_topics, producer, random_checkpoint,
+                                                                   agent_threads, caplog):
+    """A 64x48 colour camera against a 32x32 gray model: scored, but never without a word."""
+    from ama_stream.agent.feed import FeedItem
+
+    topics = make_topics(partitions=1)
+    rng = np.random.default_rng(3)
+    colour = [FeedItem(f"rgb-{i}", rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), False, f"rgb#{i}") for i in range(10)]
+    small = random_items(6, "gray")  # 28x28 gray: padded into 32x32, as the training loaders do
+    publish(producer, topics.frames, colour + small, cameras=1)
+    caplog.set_level("WARNING", logger="ama_stream.agent")
+    runner = agent_threads(topics.settings(random_checkpoint, max_frames=16))
+    assert runner.join() == 0
+    assert runner.agent.stats.scored == 16
+    counts = {labels[0]: c._value.get() for labels, c in runner.agent.metrics.frames_resized._metrics.items()}
+    assert counts == {"resized": 10, "channels": 10, "padded": 6}
+    warnings = [r.getMessage() for r in caplog.records if "ama_frames_resized_total" in r.getMessage()]
+    assert warnings and "64x48x3" in warnings[0] and "32x32x1" in warnings[0]
