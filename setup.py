@@ -117,7 +117,7 @@ setup(
         "tqdm>=4.66",  # progress bars with ETA for training, scoring and calibration
     ],
     extras_require={
-        "dev": ["pytest>=8", "scipy>=1.10", "hypothesis>=6.100", "ninja", "pybind11"],
+        "dev": ["pytest>=8", "scipy>=1.10", "hypothesis>=6.100", "tensorboard>=2.14", "ninja", "pybind11"],
     },
     entry_points={"console_scripts": ["ama-stream = ama_stream.cli:main"]},
     ext_modules=ext_modules,

@@ -51,6 +51,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from . import imagecache, preprocess
+from .progress import progress
 from .preprocess import PreprocessSpec, fit_image
 
 log = logging.getLogger(__name__)
@@ -629,7 +630,10 @@ def _decode_fitted(cat: _Catalog, chosen: np.ndarray, image_spec: PreprocessSpec
     images = np.empty((len(chosen), s, s, c), dtype=np.uint8)
     shapes = np.zeros((len(chosen), 3), dtype=np.int32)
     kept = np.ones(len(chosen), dtype=bool)
+    bar = progress(total=len(chosen), desc=f"decoding {cat.root.name}", unit="img") if cat.decoded else None
     for j, i in enumerate(chosen):
+        if bar is not None:
+            bar.update(1)
         try:
             native = cat.read(i)
         except DataError as exc:
@@ -644,6 +648,8 @@ def _decode_fitted(cat: _Catalog, chosen: np.ndarray, image_spec: PreprocessSpec
         except ValueError as exc:
             raise DataError(f"{cat.ids[i]}: {exc}") from None
         shapes[j] = preprocess.native_shape(native)
+    if bar is not None:
+        bar.close()
     if kept.all():
         return images, kept, shapes
     return images[kept], kept, shapes[kept]

@@ -148,3 +148,10 @@ def test_a_tree_of_classes_needs_to_be_told_which_are_good(tmp_path):
     assert proc.returncode != 0 and "say which are good" in proc.stderr
     cli("train", "--normal", f"folder:{tmp_path / 'line'}", "--normal-classes", "good", "--out", tmp_path / "y", *TINY)
     assert "auroc_a" in json.loads((tmp_path / "y" / "metrics.json").read_text())  # scratch became the anomalies
+
+
+def test_tensorboard_events_when_tensorboard_is_installed(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard not installed (optional)")
+    good = camera_folder(tmp_path / "good", 40, defect=False, seed=5)
+    cli("train", "--normal", f"folder:{good}", "--out", tmp_path / "run", *TINY)
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -76,6 +76,7 @@ class Trainer:
         self.objective = AMAObjective(cfg.loss, cfg.model.mirrored)
         self.state = LoopState()
         self.best_weights: dict | None = None
+        self._board = None  # TensorBoard writer, made on first use (False: tensorboard not installed)
         self.train_images = data.train
         if len(self.train_images) < cfg.train.batch_size:
             raise ValueError(
@@ -143,6 +144,8 @@ class Trainer:
             self._run_epochs(bar, t0, step0, total, per_epoch)
         finally:
             bar.close()
+            if self._board:
+                self._board.close()
         if self.best_weights is not None:
             log.info("using the model selected at epoch %d (val AUROC-A %.4f)", self.state.best_epoch + 1,
                      self.state.best_score)
@@ -211,6 +214,22 @@ class Trainer:
             if not exists:
                 writer.writeheader()
             writer.writerow(row)
+        board = self._tensorboard()
+        if board is not None:
+            for key, value in logs.items():
+                board.add_scalar(key, value, self.state.step)
+            board.flush()
+
+    def _tensorboard(self):
+        """A SummaryWriter on OUT/tensorboard when the optional `tensorboard` package is installed."""
+        if self._board is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional: metrics.csv and the report carry the same values
+                self._board = False
+            else:
+                self._board = SummaryWriter(str(self.out_dir / "tensorboard"))
+        return self._board or None
 
     def _checkpoint(self, mu: float, sigma: float, n: int, metrics: dict | None = None) -> Checkpoint:
         return Checkpoint(
