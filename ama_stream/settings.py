@@ -62,10 +62,30 @@ class _FileDataSource(PydanticBaseSettingsSource):
 
 T = TypeVar("T", bound=AmaSettings)
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; anything near this is not one
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors/aliases: a few hundred bytes of nested aliases (a "billion laughs"
+    document) expand to gigabytes, and a hand-written config never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not accepted",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str):
+    """yaml.safe_load that refuses aliases."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
 
 def read_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise SettingsError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
         text = path.read_text()
     except FileNotFoundError:
         raise SettingsError(f"config file not found: {path}") from None
@@ -76,11 +96,14 @@ def read_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise SettingsError(f"config file {path} is not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SettingsError(f"config file {path} is not valid YAML{where}") from None
+        why = f": {exc.problem}" if getattr(exc, "problem", None) and "alias" in str(exc.problem) else ""
+        raise SettingsError(f"config file {path} is not valid YAML{where}{why}") from None
+    except RecursionError:
+        raise SettingsError(f"config file {path} nests too deeply to be a config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -97,8 +120,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise SettingsError(f"--set expects dotted.key=value, got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            value = safe_yaml(raw) if raw.strip() else None
+        except (yaml.YAMLError, RecursionError):
             raise SettingsError(f"--set {key}: value {raw!r} is not valid YAML") from None
         set_dotted(out, key, value)
     return out

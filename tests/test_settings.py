@@ -72,3 +72,26 @@ def test_override_syntax_errors():
 def test_masking_of_secrets():
     data = {"kafka": {"bootstrap": "h:1", "sasl_plain_password": "hunter2", "ssl_password": None}}
     assert masked(data) == {"kafka": {"bootstrap": "h:1", "sasl_plain_password": "***", "ssl_password": None}}
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    """A 'billion laughs' document is a few hundred bytes; expanded it would exhaust memory."""
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9))
+    path = tmp_path / "bomb.yaml"
+    path.write_text(bomb)
+    with pytest.raises(SettingsError, match=r"bomb.yaml is not valid YAML at line 2.*aliases .* are not accepted"):
+        load_settings(Example, path)
+    with pytest.raises(SettingsError, match="not valid YAML"):
+        parse_overrides(["limits.classes=[*a]"])
+
+
+def test_oversize_and_deeply_nested_configs_are_refused(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("device: cpu\n" + "#" * (1 << 20))
+    with pytest.raises(SettingsError, match="larger than"):
+        load_settings(Example, big)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("device: " + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SettingsError, match="deep.yaml"):
+        load_settings(Example, deep)

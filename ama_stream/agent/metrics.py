@@ -116,7 +116,10 @@ class HealthServer:
             def log_message(self, *args) -> None:  # scrapes are not worth a log line each
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:  # the message must say which address, or the operator cannot fix it
+            raise OSError(exc.errno, f"metrics/health server cannot bind {host}:{port}: {exc.strerror}") from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="ama-health", daemon=True)
 

@@ -30,15 +30,18 @@ def _text(value: bytes | None) -> str | None:
     return text or None
 
 
+MAX_EPOCH_MS_DIGITS = 16  # ms since 1970: 13 digits today, 16 for the next 300,000 years
+
+
 def _epoch_ms(value: bytes | None) -> int | None:
     text = _text(value)
     if text is None:
         return None
-    try:
-        ms = int(text)
-    except ValueError:
+    text = text.strip()
+    # ASCII digits only: int() also reads Arabic-Indic and other Unicode digits, and "1_000"
+    if not (0 < len(text) <= MAX_EPOCH_MS_DIGITS and text.isascii() and text.isdigit()):
         return None  # a malformed timestamp only costs the latency metric, not the frame
-    return ms if ms >= 0 else None
+    return int(text)
 
 
 @dataclass(frozen=True)

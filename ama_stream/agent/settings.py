@@ -137,7 +137,9 @@ class LimitsSection(Section):
 
 class MetricsSection(Section):
     enabled: bool = True  # serve /metrics, /healthz and /readyz over HTTP
-    host: str = "0.0.0.0"  # address the metrics/health server binds
+    # address the metrics/health server binds; unauthenticated, so loopback by default: set 0.0.0.0
+    # (or the host's address) for a Prometheus on another host, behind a firewall
+    host: str = "127.0.0.1"
     port: int = Field(9400, ge=0, le=65535)  # 0: any free port (logged at start-up)
     stall_s: float = Field(60.0, gt=0)  # /healthz fails when the run loop made no progress for this long
 

@@ -37,6 +37,13 @@ def test_frame_meta_reads_headers_and_falls_back():
     assert keyless.camera_id is None and keyless.out_key is None
 
 
+@pytest.mark.parametrize("value", ["٣٣٣".encode(), "１２３".encode(), b"1_000", b"-5", b"12345678901234567", b"+7", b" "])
+def test_captured_at_is_ascii_digits_only(value):
+    """int() reads Arabic-Indic and full-width digits and underscores; a timestamp header must not."""
+    assert FrameMeta.from_record(_record([("captured-at", value)])).captured_at is None
+    assert FrameMeta.from_record(_record([("captured-at", b" 1700000000123 ")])).captured_at == 1700000000123
+
+
 def test_score_record_schema():
     meta = FrameMeta.from_record(_record([("frame-id", b"f-1"), ("captured-at", b"5")]))
     rec = score_record(meta, r_score=1.5, z=3.5, log_a=-7.0, p_value=4.6e-4, anomaly=True, threshold=3.0,
@@ -179,3 +186,18 @@ def test_serve_and_produce_accept_the_contract_flags():
         "produce", "--bootstrap", "h:1", "--topic", "t", "--source", "idx:mnist", "--rate", "5", "--limit", "2",
         "--camera-id", "c"])
     assert (produce_args.rate, produce_args.limit, produce_args.camera_id) == (5.0, 2, "c")
+
+
+def test_metrics_server_binds_loopback_by_default_and_names_a_taken_address():
+    import socket
+
+    from ama_stream.agent.metrics import AgentMetrics, Health, HealthServer
+    from ama_stream.agent.settings import AgentSettings
+
+    assert AgentSettings().metrics.host == "127.0.0.1"  # unauthenticated: not on every interface by default
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{port}"):
+            HealthServer("127.0.0.1", port, AgentMetrics(), Health(60.0))
