@@ -21,6 +21,10 @@ class AgentMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.frames = Counter("ama_frames_scored", "Frames scored and published", registry=r)
+        self.records_refused = Counter(
+            "ama_records_refused", "Records the producer or broker refused (too large, invalid); each was "
+            "replaced by its fallback (a dead letter, or the dead letter without its value) or given up", ["topic"],
+            registry=r)
         self.frames_resized = Counter(
             "ama_frames_resized", "Frames that did not enter the model as they were, by reason (padded, resized, "
             "channels)", ["reason"], registry=r)

@@ -96,6 +96,9 @@ class FrameDecoder:
         rejected: list[Rejected] = []
         for rec in batch.records:
             meta = FrameMeta.from_record(rec)
+            if meta.envelope_error is not None:  # never decoded: its envelope cannot be published whole
+                rejected.append(Rejected(meta, rec.value, "header-too-large", meta.envelope_error))
+                continue
             try:
                 images.append(decode_frame(rec.value, meta.content_type, self.limits))
             except FrameError as exc:

@@ -1,9 +1,16 @@
 """Publishing a batch's records and waiting until the broker acknowledged every one (acks=all).
 
-A record whose send fails is sent again after a backoff, for as long as it takes: the batch's
-offsets are committed only once all its records are acknowledged, so giving up would lose
-frames. Only a stop request bounds the wait (after `grace_s`); the batch then stays
-uncommitted and is read again by whoever owns its partitions next.
+A record whose send fails for a retriable reason (the broker is down, a leader moved) is sent
+again after a backoff, for as long as it takes: the batch's offsets are committed only once all
+its records are acknowledged, so giving up would lose frames. Only a stop request bounds the wait
+(after `grace_s`); the batch then stays uncommitted and is read again by whoever owns its
+partitions next.
+
+A record the producer or broker REFUSES (too large, or any non-retriable error MAX_REFUSALS times)
+is a per-frame failure, not an outage: it is replaced by its fallback -- for a score record, a
+dead letter of the frame without its value; for a dead letter, itself without its value -- and a
+refused fallback is given up (logged, counted). Retrying it would stall its partition forever and
+republish the batch's other records on every restart.
 
 A non-retriable failure can leave kafka-python's (idempotent) producer in a fatal state for good,
 e.g. after a broker lost its producer-id state; the producer is then replaced by a new one.
@@ -26,6 +33,9 @@ from .settings import RetrySection
 log = logging.getLogger(__name__)
 
 
+MAX_REFUSALS = 3  # non-retriable failures of one record before its fallback takes its place
+
+
 @dataclass(frozen=True)
 class OutMessage:
     topic: str
@@ -33,11 +43,22 @@ class OutMessage:
     value: bytes | None
     headers: list[tuple[str, bytes]]
     dead_letter: bool = False
+    fallback: "OutMessage | None" = None  # sent instead when this one is refused (see the module docstring)
+    refusals: int = 0
 
     def without_value(self, why: str) -> "OutMessage":
         """A dead letter whose original value the producer refuses (too large): keep headers, say so."""
-        return replace(self, value=b"" if self.key is None else None,
-                       headers=[*self.headers, ("error-value-dropped", why.encode())])
+        return replace(self, value=b"" if self.key is None else None, fallback=None, refusals=0,
+                       headers=[*self.headers, ("error-value-dropped", why.encode("utf-8", "replace")[:1024])])
+
+    def next_after_refusal(self, why: str) -> "OutMessage | None":
+        """What to send after this message was refused for good: its fallback, else (a dead letter
+        with a value) itself without the value, else nothing."""
+        if self.fallback is not None:
+            return self.fallback
+        if self.dead_letter and self.value:
+            return self.without_value(why)
+        return None
 
 
 class Publisher:
@@ -50,6 +71,7 @@ class Publisher:
         on_error: Callable[[str, str], None] = lambda operation, reason: None,
         flush_timeout_s: float = 10.0,
         grace_s: float = 10.0,
+        on_give_up: Callable[[str, str], None] = lambda topic, reason: None,
     ):
         self.producer = producer
         self.rebuild = rebuild  # a new connected producer, or None when stopping
@@ -58,19 +80,40 @@ class Publisher:
         self.on_error = on_error
         self.flush_timeout_s = flush_timeout_s
         self.grace_s = grace_s
+        self.on_give_up = on_give_up
 
-    def _send(self, msg: OutMessage):
-        """producer.send, or the exception it raised synchronously (metadata timeout, size)."""
+    def _send(self, msg: OutMessage) -> tuple[OutMessage, object]:
+        """(the message actually sent, producer.send's future or the exception it raised synchronously).
+        A record the producer refuses as too large goes straight to its fallback."""
         try:
-            return self.producer.send(msg.topic, key=msg.key, value=msg.value, headers=msg.headers)
+            return msg, self.producer.send(msg.topic, key=msg.key, value=msg.value, headers=msg.headers)
         except MessageSizeTooLargeError as exc:
-            if msg.dead_letter and msg.value:
-                log.warning("dead letter for %s is too large for the producer (%s); publishing it without its value",
-                            msg.topic, exc)
-                return self._send(msg.without_value(str(exc)))
-            return exc
+            nxt = self._after_refusal(msg, exc)
+            return (self._send(nxt) if nxt is not None else (msg, None))
         except KafkaError as exc:
-            return exc
+            return msg, exc
+
+    def _after_refusal(self, msg: OutMessage, error: BaseException) -> OutMessage | None:
+        why = describe(error)
+        nxt = msg.next_after_refusal(why)
+        if nxt is None:
+            log.error("giving up a record for topic %s that the producer/broker refuses (%s): nothing smaller to send",
+                      msg.topic, why)
+        else:
+            log.warning("a record for topic %s is refused (%s); sending %s instead", msg.topic, why,
+                        "its dead letter" if nxt.topic != msg.topic else "it without its value")
+        self.on_give_up(msg.topic, why)
+        return nxt
+
+    def _settle(self, msg: OutMessage, error: BaseException) -> OutMessage | None:
+        """The message to send again after `error`: the same (retriable), its next refusal count, its
+        fallback once refused MAX_REFUSALS times (or at once when too large), or None (given up)."""
+        if getattr(error, "retriable", False):
+            return msg
+        msg = replace(msg, refusals=msg.refusals + 1)
+        if isinstance(error, MessageSizeTooLargeError) or msg.refusals >= MAX_REFUSALS:
+            return self._after_refusal(msg, error)
+        return msg
 
     def _flush(self) -> None:
         try:
@@ -79,8 +122,9 @@ class Publisher:
             log.warning("records still unacknowledged after %.0f s; waiting", self.flush_timeout_s)
 
     def send(self, messages: list[OutMessage]) -> list[tuple[OutMessage, object]]:
-        """Hands the messages to the producer (asynchronous); wait() collects the acknowledgements."""
-        return [(msg, self._send(msg)) for msg in messages]
+        """Hands the messages to the producer (asynchronous); wait() collects the acknowledgements.
+        Messages given up at once (refused, with nothing smaller to send) are left out."""
+        return [(msg, fut) for msg, fut in map(self._send, messages) if fut is not None]
 
     def _collect(self, sent, heartbeat) -> tuple[list[OutMessage], list[BaseException], bool]:
         """Waits for `sent`: (messages to send again, their errors, True if a stop cut the wait short)."""
@@ -114,12 +158,19 @@ class Publisher:
         total = len(sent)
         stop_seen: float | None = None
         while sent:
-            todo, errors, cut_short = self._collect(sent, heartbeat)
+            failed, errors, cut_short = self._collect(sent, heartbeat)
             if cut_short:
                 return False
+            todo = [m for m in (self._settle(m, e) for m, e in zip(failed, errors)) if m is not None]
             if not todo:
                 return True
+            outage = [e for e in errors if getattr(e, "retriable", False)]
+            fatal = [e for e in errors
+                     if not getattr(e, "retriable", False) and not isinstance(e, MessageSizeTooLargeError)]
             reason = "; ".join(sorted({describe(e) for e in errors}))
+            if not outage and not fatal:  # only records refused: their fallbacks go out now, no backoff
+                sent = self.send(todo)
+                continue
             self.on_error("publish", reason)
             if self.stop.is_set():
                 stop_seen = stop_seen or time.monotonic()
@@ -132,7 +183,7 @@ class Publisher:
                 time.sleep(delay)  # within the grace period; stop.wait would return at once
             else:
                 self.stop.wait(delay)
-            if any(not getattr(e, "retriable", False) for e in errors) and not self._replace_producer(reason):
+            if fatal and not self._replace_producer(reason):
                 return False
             sent = self.send(todo)
         return True

@@ -200,7 +200,8 @@ class Agent:
             if producer is None:
                 return 0
             self.publisher = Publisher(producer, self._connect_producer, s.retry, self._stop,
-                                       on_error=self._on_broker_error)
+                                       on_error=self._on_broker_error,
+                                       on_give_up=lambda topic, why: self.metrics.records_refused.labels(topic=topic).inc())
             stack.callback(lambda: self._close_producer(self.publisher.producer))  # the one in use at the end
             self.outbox = PublishWorker(self._publish)
             stack.callback(self.outbox.close)
@@ -418,10 +419,14 @@ class Agent:
                 scored_at=scored_at,
             )
             value, headers = encode_record(record), record_headers(f.meta)
+            # if the broker refuses the record, the frame is dead-lettered (headers only) instead
+            fallback = OutMessage(topics.dead_letter, f.meta.key, b"" if f.meta.key is None else None,
+                                  dead_letter_headers(f.meta, "record-refused: the score record could not be published"),
+                                  dead_letter=True)
             if topics.scores:
-                out.append(OutMessage(topics.scores, f.meta.out_key, value, headers))
+                out.append(OutMessage(topics.scores, f.meta.out_key, value, headers, fallback=fallback))
             if f.anomaly:
-                out.append(OutMessage(topics.alerts, f.meta.out_key, value, headers))
+                out.append(OutMessage(topics.alerts, f.meta.out_key, value, headers, fallback=fallback))
         for rej in result.rejected:
             log.debug("dead-lettering frame %s: %s", rej.meta.frame_id, rej.error)
             value = rej.value if rej.value is not None or rej.meta.key is not None else b""

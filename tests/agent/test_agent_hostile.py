@@ -1,0 +1,56 @@
+"""Hostile frames against the real broker: each case leaves the agent alive, loses no valid frame,
+and a restart scores nothing twice (the offsets went past the bad frame)."""
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from kafka import KafkaProducer
+from PIL import Image
+
+from .conftest import committed_offsets, publish, random_items, read_all
+
+pytestmark = pytest.mark.kafka
+
+
+def _png(seed: int = 0) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_oversize_headers_are_dead_lettered_not_a_poison_pill(make_topics, producer, random_checkpoint, agent_threads):
+    """A valid PNG with a 1 MB camera-id, and an undecodable frame with a 1.5 MB header, between valid
+    frames: before, their records exceeded the producer's limit and the agent retried them forever."""
+    topics = make_topics(partitions=2)
+    big_producer = KafkaProducer(bootstrap_servers=topics.bootstrap, max_request_size=8 << 20)
+    good = random_items(30, "good")
+    publish(producer, topics.frames, good[:15], cameras=2)
+    big_producer.send(topics.frames, key=b"cam-0", value=_png(1),
+                      headers=[("frame-id", b"big-camera-id"), ("camera-id", b"c" * (1 << 20))])
+    big_producer.send(topics.frames, key=b"cam-1", value=b"\x89PNG not really",
+                      headers=[("frame-id", b"big-junk"), ("x-junk", b"j" * (3 << 19))])
+    big_producer.flush()
+    big_producer.close()
+    publish(producer, topics.frames, good[15:], cameras=2)
+
+    runner = agent_threads(topics.settings(random_checkpoint, max_frames=32))
+    assert runner.join() == 0
+    scores = Counter(json.loads(r.value)["frame_id"] for r in read_all(topics.bootstrap, topics.scores))
+    assert set(scores) == {item.frame_id for item in good} and max(scores.values()) == 1
+    dead = read_all(topics.bootstrap, topics.dlq)
+    assert len(dead) == 2
+    for record in dead:
+        headers = dict(record.headers)
+        assert headers["error"].startswith(b"header-too-large: header ")
+        assert sum(len(v or b"") for _, v in record.headers) < 64 * 1024  # the dead letter itself is publishable
+    assert runner.agent.metrics.dead_lettered.labels(reason="header-too-large")._value.get() == 2
+
+    committed = committed_offsets(topics.bootstrap, topics.group, topics.frames)
+    assert sum(v or 0 for v in committed.values()) == 32  # committed past both bad frames
+    again = agent_threads(topics.settings(random_checkpoint, idle_exit_s=3.0))  # a restart finds nothing to do
+    assert again.join() == 0 and again.agent.stats.scored == 0
+    assert len(read_all(topics.bootstrap, topics.scores)) == 30
