@@ -154,3 +154,18 @@ def test_bad_source_or_checkpoint_fail_with_one_line(cli, checkpoint, tmp_path):
     with pytest.raises(SystemExit) as usage:
         cli("calibrate", "--checkpoint", checkpoint, "--source", "idx:mnist")
     assert usage.value.code == 2
+
+
+def test_calibrate_defaults_to_the_policy_the_model_was_trained_for(cli, checkpoint, tmp_path):
+    """The Fashion-MNIST preset says `policy: upper` (its anomalies score high); --policy overrides it."""
+    from ama_stream.checkpoint import load_checkpoint
+
+    assert load_checkpoint(checkpoint).train_config["policy"] == "upper"
+    out = tmp_path / "cal.json"
+    code, _, stderr = cli("calibrate", "--checkpoint", checkpoint, "--source", "idx:fashion-mnist", "--split", "test",
+                          "--limit", 200, "--out", out, "--device", "cpu")
+    assert code == 0, stderr
+    assert json.loads(out.read_text())["policy"]["name"] == "upper"
+    code, _, stderr = cli("calibrate", "--checkpoint", checkpoint, "--source", "idx:fashion-mnist", "--split", "test",
+                          "--limit", 200, "--policy", "two-sided", "--out", out, "--device", "cpu")
+    assert code == 0 and json.loads(out.read_text())["policy"]["name"] == "two-sided"

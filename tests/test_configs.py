@@ -25,7 +25,11 @@ def test_each_paper_experiment_has_a_cpu_preset_on_the_same_data(name):
     paper = load_settings(TrainConfig, CONFIGS / f"{name}.yaml")
     cpu = load_settings(TrainConfig, CONFIGS / f"{name}_cpu.yaml")
     assert cpu.data == paper.data
-    assert cpu.model.mirrored and cpu.loss.interpolation.enabled and cpu.loss.negatives.enabled
+    assert cpu.model.mirrored
+    # interpolation and negatives stay on except where a measured recipe switched them off
+    measured_off = {"fmnist_vs_mnist"}  # docs/results.md: 3 seeds, better without them at this budget
+    if name not in measured_off:
+        assert cpu.loss.interpolation.enabled and cpu.loss.negatives.enabled
     steps = cpu.train.epochs * cpu.train.steps_per_epoch
     pixels = cpu.data.image_size ** 2 * cpu.data.channels
     # the budget that measured ~10 minutes on 2 cores: 500 steps of 64 gray 32x32 images

@@ -106,6 +106,9 @@ class TrainConfig(AmaSettings):
     loss: LossSection = LossSection()
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
+    # the calibration policy `ama-stream calibrate` uses for this model unless told otherwise: upper
+    # where unusually LOW R-scores are not a sign of anomaly for this data (docs/results.md measures it)
+    policy: Literal["two-sided", "upper"] = "two-sided"
     seed: int = 0  # seeds weights, data order, negatives and the test sampling
     device: str = "auto"  # auto (first CUDA device, else CPU), cpu or cuda:N
     data_root: str | None = None  # AMA_DATA_ROOT; relative data roots resolve against it

@@ -16,6 +16,7 @@ import numpy as np
 from ama_stream.calibration import (
     DEFAULT_MAX_SAMPLE,
     DEFAULT_MIN_CAMERA_FRAMES,
+    DEFAULT_POLICY,
     DEFAULT_TARGET_FPR,
     POLICIES,
     CalibrationFitter,
@@ -35,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "held out from training")
     parser.add_argument("--out", required=True, metavar="FILE", help="calibration file to write (atomically)")
     parser.add_argument("--limit", type=int, metavar="N", help="use at most N frames")
-    parser.add_argument("--policy", choices=POLICIES, default="two-sided",
-                        help="two-sided: |z| large (default); upper: only high R; sigma: |z| > K")
+    parser.add_argument("--policy", choices=POLICIES,
+                        help="two-sided: |z| large; upper: only high R; sigma: |z| > K (default: the policy the "
+                             "model was trained for, its config's `policy`, else two-sided)")
     parser.add_argument("--target-fpr", type=float, metavar="F",
                         help=f"false-alarm rate on normal data for two-sided/upper (default {DEFAULT_TARGET_FPR})")
     parser.add_argument("--k", type=float, metavar="K", help="|z| threshold of the sigma policy (default 3)")
@@ -178,12 +180,17 @@ def score_frames(scorer, frames: Iterable[tuple[np.ndarray, str | None]], fitter
 
 
 def run(args: argparse.Namespace) -> int:
+    from ama_stream.checkpoint import load_checkpoint
     from ama_stream.scoring import Scorer
     from ama_stream.sources import is_kafka_source
 
     kafka = is_kafka_source(args.source)
+    checkpoint = load_checkpoint(args.checkpoint)
+    if args.policy is None:
+        args.policy = (checkpoint.train_config or {}).get("policy") or DEFAULT_POLICY
+        log.info("policy %s (the model's default; --policy overrides it)", args.policy)
     policy = _check(args, kafka)
-    scorer = Scorer(args.checkpoint, args.device)
+    scorer = Scorer(checkpoint, args.device)
     replay = None
     if kafka:
         from ama_stream.agent.replay import ReplayStats
