@@ -414,14 +414,41 @@ def _parse_entry(data: Any, where: str, policy: Policy) -> Rule:
     return rule
 
 
+MAX_CALIBRATION_BYTES = 64 * 2**20  # 1000 cameras x 20,000 sample scores is about 25 MiB of JSON
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def parse_calibration(data: bytes, expected_model_id: str | None, origin: str = "calibration") -> Calibration:
-    """Validates a calibration artifact; CalibrationError naming `origin` and the field when anything is off."""
+    """Validates a calibration artifact; CalibrationError naming `origin` and the field when anything is off.
+
+    Whatever the input (a file anyone can edit, a message anyone may publish on the control topic),
+    the only exception is CalibrationError: oversize input, out-of-range numbers anywhere (also in
+    free-form fields such as `source`), nesting too deep to parse, and any check below."""
+    if len(data) > MAX_CALIBRATION_BYTES:
+        raise CalibrationError(f"{origin}: {len(data)} bytes is larger than a calibration can be ({MAX_CALIBRATION_BYTES})")
     try:
-        payload = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        payload = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeDecodeError:
         raise CalibrationError(f"{origin}: not a calibration file (not UTF-8 text)") from None
+    except RecursionError:
+        raise CalibrationError(f"{origin}: JSON nested too deeply to be a calibration") from None
     except ValueError as exc:  # json.JSONDecodeError is a ValueError, so is _reject_constant's
         raise CalibrationError(f"{origin}: corrupt or truncated calibration JSON ({exc})") from None
+    try:
+        return _validated(payload, expected_model_id, origin)
+    except CalibrationError:
+        raise
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:  # anything a crafted value trips
+        raise CalibrationError(f"{origin}: invalid calibration ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _validated(payload: Any, expected_model_id: str | None, origin: str) -> Calibration:
     if not isinstance(payload, dict) or payload.get("format") != CALIBRATION_FORMAT:
         raise CalibrationError(f"{origin}: not an ama-stream calibration (missing format {CALIBRATION_FORMAT!r})")
     version = payload.get("version")

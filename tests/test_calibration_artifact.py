@@ -145,7 +145,7 @@ def test_refuses_infinite_numbers_spelled_as_overflow(saved):
     start = text.index('"sample": [') + len('"sample": [')
     end = text.index(",", start)
     saved.write_text(text[:start] + "-1e400" + text[end:])  # valid JSON syntax, parsed as -inf
-    with pytest.raises(CalibrationError, match="global.sample holds non-finite numbers"):
+    with pytest.raises(CalibrationError, match="number -1e400 is out of range"):
         load_calibration(saved, MODEL)
 
 
@@ -196,3 +196,29 @@ def test_an_interrupted_save_leaves_the_old_file_intact(saved, monkeypatch):
         replacement.save(saved)
     assert saved.read_bytes() == before and not list(saved.parent.glob(".*.tmp"))
     assert load_calibration(saved, MODEL).policy == Policy("two-sided", 0.01)
+
+
+def test_crafted_input_is_a_calibration_error_naming_its_origin(tmp_path):
+    """A file or control-topic message anyone may write: every refusal is CalibrationError with the
+    origin, never an exception the agent does not expect (it used to exit on these)."""
+    from ama_stream.calibration import parse_calibration
+
+    good = make_calibration().to_json_bytes().decode()
+    crafted = good.replace('"source":{', '"source":{"x":1e999,', 1) if '"source":{' in good else None
+    if crafted is None:  # pretty-printed JSON
+        crafted = good.replace('"source": {', '"source": {"x": 1e999, ', 1)
+    assert crafted != good
+    cases = {
+        "huge number": crafted.encode(),
+        "deep": b"[" * 100_000 + b"]" * 100_000,
+        "deep object": b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+        "oversize": b" " * (64 * 2**20 + 1),
+        "wrong types": good.replace('"cameras"', '"cameras_"').encode(),
+    }
+    for name, data in cases.items():
+        with pytest.raises(CalibrationError, match="^line3.json: "):
+            parse_calibration(data, MODEL, "line3.json")
+        path = tmp_path / f"{name.replace(' ', '_')}.json"
+        path.write_bytes(data)
+        with pytest.raises(CalibrationError, match=str(path)):
+            load_calibration(path, MODEL)

@@ -54,3 +54,47 @@ def test_oversize_headers_are_dead_lettered_not_a_poison_pill(make_topics, produ
     again = agent_threads(topics.settings(random_checkpoint, idle_exit_s=3.0))  # a restart finds nothing to do
     assert again.join() == 0 and again.agent.stats.scored == 0
     assert len(read_all(topics.bootstrap, topics.scores)) == 30
+
+
+def test_crafted_calibrations_on_file_and_control_topic_leave_the_agent_running(
+        make_topics, producer, random_checkpoint, agent_threads, tmp_path):
+    """1e999 in the free-form `source` of the watched file, and a 100k-deep JSON message without a key
+    on the control topic: both made the agent exit 1. Now each is refused and the old calibration kept."""
+    from ama_stream.agent.kafka_io import ensure_topics
+    from ama_stream.agent.settings import KafkaSection
+    from ama_stream.calibration import CalibrationFitter, Policy
+    from ama_stream.scoring import Scorer
+
+    from .conftest import wait_for
+
+    topics = make_topics(partitions=1)
+    control = f"calibrations-{topics.group}"
+    ensure_topics(KafkaSection(bootstrap_servers=topics.bootstrap), {control: 1})
+    items = random_items(60, "cal", seed=9)
+    scorer = Scorer(random_checkpoint, "cpu")
+    fitter = CalibrationFitter()
+    fitter.update(scorer.score_images([i.image for i in items]).r)
+    good, _ = fitter.finish(scorer.model_id, Policy("two-sided", 0.05), {"spec": "test"})
+    path = tmp_path / "calibration.json"
+    good.save(path)
+    runner = agent_threads(topics.settings(random_checkpoint, calibration=str(path), calibration_check_s=0.05,
+                                           topics={"calibration": control}, max_frames=60))
+    wait_for(lambda: runner.agent.control_topic is not None, 60, "the agent")
+
+    def refused(source: str) -> float:
+        return runner.agent.metrics.registry.get_sample_value(
+            "ama_calibration_reloads_total", {"source": source, "result": "refused"}) or 0.0
+
+    text = path.read_text()
+    crafted = text.replace('"source": {', '"source": {"x": 1e999, ', 1).replace('"source":{', '"source":{"x":1e999,', 1)
+    assert crafted != text
+    path.write_text(crafted)
+    wait_for(lambda: refused("file") >= 1, 30, "the crafted file to be refused")
+    producer.send(control, value=b"[" * 100_000 + b"]" * 100_000)
+    producer.flush()
+    wait_for(lambda: refused("topic") >= 1, 30, "the deep message to be refused")
+    assert runner.agent.calibration.calibration_id == good.calibration_id
+    publish(producer, topics.frames, items, cameras=1)
+    assert runner.join() == 0
+    scores = Counter(json.loads(r.value)["frame_id"] for r in read_all(topics.bootstrap, topics.scores))
+    assert set(scores) == {i.frame_id for i in items} and max(scores.values()) == 1
