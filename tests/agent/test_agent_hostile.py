@@ -98,3 +98,38 @@ def test_crafted_calibrations_on_file_and_control_topic_leave_the_agent_running(
     assert runner.join() == 0
     scores = Counter(json.loads(r.value)["frame_id"] for r in read_all(topics.bootstrap, topics.scores))
     assert set(scores) == {i.frame_id for i in items} and max(scores.values()) == 1
+
+
+def _peak_rss_mb(args: list[str]) -> tuple[int, float]:
+    """(exit code, peak RSS in MiB) of `ama-stream ARGS` run as the only child of a wrapper process."""
+    import subprocess
+    import sys
+
+    wrapper = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+               "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "ama_stream.cli", *args],
+                          capture_output=True, text=True, timeout=600)
+    rc, kib = proc.stdout.split()[-2:]
+    return int(rc), int(kib) / 1024
+
+
+def test_a_batch_of_huge_frames_stays_within_memory(make_topics, producer, random_checkpoint):
+    """16 frames of 4096x4096 RGBA zeros (65 KB each as PNG, within the pixel limit): decoded they are
+    1 GiB. Each is now fitted to the model right after decoding, so the batch never holds them all:
+    the agent's peak RSS grows by less than 400 MiB over the same run with small frames."""
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((4096, 4096, 4), dtype=np.uint8), mode="RGBA").save(out, format="PNG")
+    huge = out.getvalue()
+    peaks = {}
+    for kind in ("small", "huge"):
+        topics = make_topics(partitions=1)
+        for i in range(16):
+            producer.send(topics.frames, key=b"cam", value=huge if kind == "huge" else _png(i),
+                          headers=[("frame-id", f"{kind}-{i}".encode())])
+        producer.flush()
+        rc, peaks[kind] = _peak_rss_mb([*"serve".split(), *topics.serve_args(random_checkpoint), "--max-frames", "16",
+                                        "--max-batch", "16", "--max-wait-ms", "2000", "--metrics-port", "0",
+                                        "--device", "cpu"])
+        assert rc == 0
+        assert len(read_all(topics.bootstrap, topics.scores)) == 16
+    assert peaks["huge"] - peaks["small"] < 400, peaks
