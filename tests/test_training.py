@@ -20,6 +20,8 @@ CPU_PRESET = REPO / "configs" / "fmnist_vs_mnist_cpu.yaml"
 TINY = [
     "model.nz=8", "model.enc_width=4", "model.gen_width=8", "model.disc_width=8",
     "train.batch_size=16", "train.log_every=1", "train.fit_max_images=64", "device=cpu",
+    # the full objective, whatever the preset switches off
+    "loss.interpolation.enabled=true", "loss.negatives.enabled=true",
 ]
 
 
