@@ -21,7 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ama_stream.commands.serve", "run the Kafka scoring agent"),
     "produce": ("ama_stream.commands.produce", "publish image frames from a data source to Kafka"),
     "demo": ("training.commands.demo", "end-to-end demo on an embedded broker"),
-    "broker": ("ama_stream.commands.broker", "run the embedded Kafka-protocol broker (tansu) for trials"),
+    "broker": ("ama_stream.commands.broker", "run the embedded Kafka-protocol broker (tansu): IN MEMORY, for trials "
+               "only (a restart loses every topic and reuses offsets)"),
 }
 
 USAGE_ERROR = 2

@@ -52,6 +52,16 @@ def _stop_all() -> None:
         broker.stop()
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """BrokerError naming host:port when something already listens there."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise BrokerError(f"cannot listen on {host}:{port}: {exc.strerror} (another broker or program has it; "
+                              "pick another --port, or 0 for any free one)") from None
+
+
 class EmbeddedBroker:
     """Start with `start()` or `with EmbeddedBroker() as broker:`; `broker.bootstrap` is HOST:PORT."""
 
@@ -75,6 +85,8 @@ class EmbeddedBroker:
     def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
         binary = broker_binary()
         fixed_port = self.port is not None
+        if fixed_port:
+            _check_port_free(self.host, self.port)  # else the readiness probe below reaches the OTHER listener
         for _ in range(1 if fixed_port else 3):  # a free port may be taken between probing and binding
             if not fixed_port:
                 self.port = free_port(self.host)

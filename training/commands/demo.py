@@ -273,7 +273,8 @@ def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path, calibrat
     from ama_stream.sources import iter_images, parse_source
 
     with EmbeddedBroker(log_file=cache / "broker.log") as broker:
-        print(f"embedded Kafka broker (tansu) on {broker.bootstrap}", file=sys.stderr)
+        print(f"embedded Kafka broker (tansu) on {broker.bootstrap}: in memory, for trials only "
+              "(a restart loses its topics and reuses offsets)", file=sys.stderr)
         kafka = KafkaSection(bootstrap_servers=broker.bootstrap)
         ensure_topics(kafka, {"frames": 4, "scores": 1, "alerts": 1, "frames-dlq": 1})
         settings = load_settings(AgentSettings, None, {
