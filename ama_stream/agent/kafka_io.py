@@ -68,6 +68,10 @@ def build_client(cls: type[T], **config: Any) -> T:
         raise
 
 
+class BrokerUnreachable(RuntimeError):
+    """The broker stayed unreachable for longer than the configured patience."""
+
+
 def connect_with_retry(
     make: Callable[[], T],
     what: str,
@@ -76,9 +80,11 @@ def connect_with_retry(
     stop: threading.Event,
     on_failure: Callable[[str], None] = lambda reason: None,
 ) -> T | None:
-    """make() until it succeeds or `stop` is set (then None); one warning line per attempt."""
+    """make() until it succeeds or `stop` is set (then None); one warning line per attempt.
+    BrokerUnreachable once retry.give_up_after_s have passed without a connection."""
     backoff = Backoff(retry.initial_s, retry.max_s)
     attempt = 0
+    started = time.monotonic()
     while not stop.is_set():
         attempt += 1
         try:
@@ -86,6 +92,11 @@ def connect_with_retry(
         except KafkaError as exc:
             delay = backoff.next()
             reason = describe(exc)
+            waited = time.monotonic() - started
+            if retry.give_up_after_s is not None and waited + delay > retry.give_up_after_s:
+                raise BrokerUnreachable(f"{what}: broker {kafka.bootstrap_servers} not reachable for {waited:.0f} s "
+                                        f"({attempt} attempts, last: {reason}); giving up (--give-up-after-s "
+                                        f"{retry.give_up_after_s:g})") from None
             log.warning("%s: broker %s not reachable (attempt %d, %s); retrying in %.1f s",
                         what, kafka.bootstrap_servers, attempt, reason, delay)
             on_failure(reason)

@@ -151,6 +151,8 @@ class RetrySection(Section):
     max_s: float = Field(30.0, gt=0)  # longest backoff
     connect_timeout_s: float = Field(10.0, gt=0)  # one connection attempt at start-up
     lag_every_s: float = Field(5.0, gt=0)  # consumer lag / broker liveness probe interval
+    # start-up: exit non-zero when the broker stays unreachable this long; null = keep retrying
+    give_up_after_s: float | None = Field(None, gt=0)
 
 
 class DriftSection(Section):

@@ -25,6 +25,7 @@ _FLAGS = {
     "metrics_port": "metrics.port",
     "max_frames": "max_frames",
     "idle_exit_s": "idle_exit_s",
+    "give_up_after_s": "retry.give_up_after_s",
 }
 
 
@@ -44,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, metavar="P", help="port of /metrics, /healthz, /readyz (0: any)")
     parser.add_argument("--max-frames", type=int, metavar="N", help="exit after handling N frames")
     parser.add_argument("--idle-exit-s", type=float, metavar="S", help="exit after S seconds without a frame")
+    parser.add_argument("--give-up-after-s", type=float, metavar="S",
+                        help="exit non-zero when the broker cannot be reached at start-up for S seconds "
+                             "(default: keep retrying)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                         help="any setting by dotted key, value parsed as YAML (e.g. consumer.session_timeout_ms=6000)")
 

@@ -106,3 +106,19 @@ def test_waits_for_a_broker_that_is_down_at_start(tmp_path, random_checkpoint, a
     for i, wait in enumerate(waits):  # 0.2 s doubling up to the 2 s cap, +-10% jitter, logged as %.1f
         expected = min(0.2 * 2**i, 2.0)
         assert 0.9 * expected - 0.05 <= wait <= 1.1 * expected + 0.05
+
+
+def test_serve_gives_up_on_an_unreachable_broker_when_told_to(random_checkpoint):
+    """--give-up-after-s: a broker that never comes up ends serve with a non-zero exit and one line."""
+    import subprocess
+    import sys
+
+    from ama_stream.agent.broker import free_port
+
+    proc = subprocess.run([sys.executable, "-m", "ama_stream.cli", "serve", "--bootstrap", f"127.0.0.1:{free_port()}",
+                           "--checkpoint", str(random_checkpoint), "--give-up-after-s", "1", "--device", "cpu",
+                           "--set", "retry.connect_timeout_s=1", "--metrics-port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "not reachable" in last and "giving up (--give-up-after-s 1)" in last
