@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_overrides(args: argparse.Namespace) -> dict:
     overrides = parse_overrides(args.set)
     for dest, key in _FLAGS.items():
-        value = getattr(args, dest)
+        value = getattr(args, dest, None)
         if value is not None:
             set_dotted(overrides, key, value)
     return overrides
