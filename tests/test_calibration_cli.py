@@ -107,14 +107,14 @@ def test_camera_id_and_sigma_policy(cli, checkpoint, fmnist, tmp_path):
 
 
 @pytest.mark.slow
-def test_false_alarm_rate_on_held_out_normal_data_matches_the_target(cli, checkpoint, fmnist, tmp_path):
+def test_false_alarm_rate_on_held_out_normal_data_matches_the_target(cli, checkpoint, fmnist, tmp_path, data_root):
     """Calibrate on the first half of the Fashion-MNIST test frames (never trained on); the alarm rate on
     the other half is the target and the p-values there are uniform."""
     _, test_split = fmnist
     out = tmp_path / "cal.json"
     alpha, m = 0.02, len(test_split) // 2
     code, _, stderr = cli("calibrate", "--checkpoint", checkpoint, "--source", "idx:fashion-mnist", "--split", "test",
-                          "--limit", m, "--target-fpr", alpha, "--out", out, "--device", "cpu")
+                          "--limit", m, "--target-fpr", alpha, "--out", out, "--device", "cpu", "--data-root", data_root)
     assert code == 0, stderr
     scorer = Scorer(checkpoint, "cpu")
     calibration = load_calibration(out, scorer.model_id)
@@ -156,16 +156,17 @@ def test_bad_source_or_checkpoint_fail_with_one_line(cli, checkpoint, tmp_path):
     assert usage.value.code == 2
 
 
-def test_calibrate_defaults_to_the_policy_the_model_was_trained_for(cli, checkpoint, tmp_path):
+def test_calibrate_defaults_to_the_policy_the_model_was_trained_for(cli, checkpoint, tmp_path, data_root):
     """The Fashion-MNIST preset says `policy: upper` (its anomalies score high); --policy overrides it."""
     from ama_stream.checkpoint import load_checkpoint
 
     assert load_checkpoint(checkpoint).train_config["policy"] == "upper"
     out = tmp_path / "cal.json"
     code, _, stderr = cli("calibrate", "--checkpoint", checkpoint, "--source", "idx:fashion-mnist", "--split", "test",
-                          "--limit", 200, "--out", out, "--device", "cpu")
+                          "--limit", 200, "--out", out, "--device", "cpu", "--data-root", data_root)
     assert code == 0, stderr
     assert json.loads(out.read_text())["policy"]["name"] == "upper"
     code, _, stderr = cli("calibrate", "--checkpoint", checkpoint, "--source", "idx:fashion-mnist", "--split", "test",
-                          "--limit", 200, "--policy", "two-sided", "--out", out, "--device", "cpu")
+                          "--limit", 200, "--policy", "two-sided", "--out", out, "--device", "cpu",
+                          "--data-root", data_root)
     assert code == 0 and json.loads(out.read_text())["policy"]["name"] == "two-sided"

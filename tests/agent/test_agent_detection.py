@@ -90,7 +90,8 @@ def test_demo_on_real_data_prints_its_summary(trained_checkpoint, demo_cache, da
     # the agent ran with the demo's calibration file, fitted for this very model
     path = re.search(r"calibration\s+(\S+\.json) \(two-sided", out).group(1)
     calibration = load_calibration(path, load_checkpoint(trained_checkpoint).model_id)
-    assert calibration.policy.target_fpr == 0.01 and calibration.global_entry.n == 3000
+    # 3000 frames, or every training image of the small fixture when the full sets are absent
+    assert calibration.policy.target_fpr == 0.01 and calibration.global_entry.n in (3000, 1200)
 
 
 def test_demo_without_datasets_trains_on_generated_parts(tmp_path):
