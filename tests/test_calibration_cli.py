@@ -124,7 +124,12 @@ def test_false_alarm_rate_on_held_out_normal_data_matches_the_target(cli, checkp
     n_test = len(r)
     tolerance = 4.5 * math.sqrt(alpha * (1 - alpha) * (1 / (m + 1) + 1 / n_test))
     assert abs(d.anomaly.mean() - alpha) < tolerance, d.anomaly.mean()
-    assert stats.kstest(d.p_value, "uniform").pvalue > 0.001
+    # p-values are uniform given an exchangeable calibration sample; with a small sample (the fixture's
+    # 300 frames) its own spread dominates, so compare the two halves' scores rather than p to U(0, 1)
+    r_cal = scorer.r_scores(scorer.prepare(list(test_split.images[:m])))
+    assert stats.ks_2samp(r_cal, r).pvalue > 0.001
+    if m >= 2000:
+        assert stats.kstest(d.p_value, "uniform").pvalue > 0.001
 
 
 @pytest.mark.parametrize("args,message", [
