@@ -51,6 +51,8 @@ class AgentMetrics:
         self.broker_errors = Counter("ama_broker_errors", "Failed broker operations (connect, publish, commit)",
                                      ["operation"], registry=r)
         self.ready = Gauge("ama_ready", "1 when the agent is connected and scoring", registry=r)
+        self.commit_stalls = Counter("ama_commit_stalls", "Times frames waited while no commit moved for "
+                                     "metrics.commit_stall_s (readiness went to 0)", registry=r)
         self.calibration = Gauge("ama_calibration_info", "1 for the calibration in force",
                                  ["calibration_id", "policy"], registry=r)
         self.calibration_reloads = Counter(

@@ -41,6 +41,11 @@ class OffsetBook:
                 if self._done[tp] > self._committed.get(tp, -1)
             }
 
+    def committed_total(self) -> int:
+        """The sum of the committed offsets: it grows whenever any commit moves forward."""
+        with self._lock:
+            return sum(self._committed.values())
+
     def mark_committed(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         with self._lock:
             for tp, meta in offsets.items():
@@ -60,3 +65,28 @@ class OffsetBook:
             for tp in gone:
                 self._done.pop(tp, None)
                 self._committed.pop(tp, None)
+
+
+class CommitProgress:
+    """Readiness must fall when frames wait but commits stop moving -- a frame that cannot be
+    finished, a publish path stuck in retries -- even though the broker answers every probe."""
+
+    def __init__(self, stall_s: float, now: float):
+        self.stall_s = stall_s
+        self._committed: int | None = None
+        self._since = now  # since when frames have waited with the commits where they are
+        self._waiting = False
+        self.stalled = False
+
+    def check(self, lag: int, committed: int, now: float) -> str | None:
+        """The reason the agent is stalled, or None. `lag`: unfinished work (frames not yet polled plus
+        batches in flight; 0 when idle); `committed`: OffsetBook.committed_total()."""
+        if lag <= 0 or committed != self._committed or not self._waiting:
+            self._committed, self._since, self.stalled = committed, now, False
+            self._waiting = lag > 0
+            return None
+        waited = now - self._since
+        if waited < self.stall_s:
+            return None
+        self.stalled = True
+        return f"no commit progress for {waited:.0f} s while work waits"

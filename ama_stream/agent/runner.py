@@ -48,7 +48,7 @@ from ama_stream.settings import SettingsError, masked
 from .frames import FrameLimits
 from .kafka_io import connect_with_retry, describe, make_consumer, make_producer, quiet_kafka_logs
 from .metrics import AgentMetrics, Health, HealthServer
-from .offsets import OffsetBook
+from .offsets import CommitProgress, OffsetBook
 from .pipeline import DecodedBatch, FrameDecoder, PolledBatch, ScoredBatch, score_batch
 from .publish import OutMessage, Publisher, PublishWorker
 from .reload import CalibrationFile, ControlTopic, Update
@@ -158,6 +158,7 @@ class Agent:
         self._raw_epoch = 0  # OffsetBook epoch before the poll that returned the first record in _raw
         self._pending: deque[Future[DecodedBatch]] = deque()
         self._misfit_logged = -math.inf
+        self.commit_progress = CommitProgress(settings.metrics.commit_stall_s, time.monotonic())
         self.outbox: PublishWorker | None = None
         self._taken = 0  # frames polled so far (for max_frames)
         self._idle_since = time.monotonic()
@@ -507,6 +508,8 @@ class Agent:
         assigned = self.consumer.assignment()
         if not assigned:
             return
+        # work not finished: frames not yet polled (lag) and batches polled, decoding or publishing
+        waiting = len(self._raw) + len(self._pending) + (0 if self.outbox.idle() else 1)
         try:
             ends = self.consumer.end_offsets(list(assigned), timeout_ms=2000)
             positions = {tp: self.offsets.done(tp) for tp in assigned}
@@ -515,15 +518,24 @@ class Agent:
                 if position is None:
                     position = self.consumer.position(tp, timeout_ms=1000)
                 if position is not None:
+                    waiting += max(0, end - position)
                     self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, end - position))
         except KafkaError as exc:
             self._on_broker_error("probe", describe(exc))
+            return
+        stalled = self.commit_progress.check(waiting, self.offsets.committed_total(), time.monotonic())
+        if stalled is not None:
+            if self.health.readiness()[0]:
+                log.error("not ready: %s (the broker answers; see the dead-letter topic and the publish log)", stalled)
+                self.metrics.commit_stalls.inc()
+            self.health.set_ready(False, stalled)
+            self.metrics.ready.set(0)
             return
         if not self.health.readiness()[0]:
             self._mark_ready()
 
     def _mark_ready(self) -> None:
-        if self._stop.is_set():
+        if self._stop.is_set() or self.commit_progress.stalled:  # a stall clears only when commits move
             return
         log.info("broker reachable; ready")
         self.health.set_ready(True)

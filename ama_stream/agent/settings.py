@@ -142,6 +142,8 @@ class MetricsSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(9400, ge=0, le=65535)  # 0: any free port (logged at start-up)
     stall_s: float = Field(60.0, gt=0)  # /healthz fails when the run loop made no progress for this long
+    # /readyz and ama_ready go to 0 when frames are waiting but no commit moved for this long
+    commit_stall_s: float = Field(120.0, gt=0)
 
 
 class RetrySection(Section):

@@ -133,3 +133,35 @@ def test_a_batch_of_huge_frames_stays_within_memory(make_topics, producer, rando
         assert rc == 0
         assert len(read_all(topics.bootstrap, topics.scores)) == 16
     assert peaks["huge"] - peaks["small"] < 400, peaks
+
+
+def test_readiness_falls_when_frames_wait_and_no_commit_moves(make_topics, producer, random_checkpoint, agent_threads,
+                                                              monkeypatch):
+    """The broker answers every probe, but publishing never completes (a stuck path, as the poison pill
+    was): /readyz and ama_ready must not say 200/1 while frames pile up uncommitted."""
+    import threading
+
+    from ama_stream.agent import publish as publish_module
+
+    from .conftest import wait_for
+
+    released = threading.Event()
+
+    def stuck_wait(self, sent, heartbeat=lambda: None):
+        while not self.stop.is_set() and not released.is_set():
+            heartbeat()
+            self.stop.wait(0.05)
+        return False
+
+    monkeypatch.setattr(publish_module.Publisher, "wait", stuck_wait)
+    topics = make_topics(partitions=1)
+    publish(producer, topics.frames, random_items(20, "stuck"), cameras=1)
+    runner = agent_threads(topics.settings(random_checkpoint, metrics={"port": 0, "commit_stall_s": 1.0},
+                                           retry={"lag_every_s": 0.2}))
+    wait_for(lambda: runner.agent.metrics.commit_stalls._value.get() >= 1, 60, "the commit stall to be noticed")
+    ready, reason = runner.agent.health.readiness()
+    assert not ready and reason.startswith("no commit progress for") and "while work waits" in reason
+    assert runner.agent.metrics.ready._value.get() == 0
+    runner.agent.stop()
+    released.set()
+    runner.join()

@@ -201,3 +201,15 @@ def test_metrics_server_binds_loopback_by_default_and_names_a_taken_address():
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{port}"):
             HealthServer("127.0.0.1", port, AgentMetrics(), Health(60.0))
+
+
+def test_commit_progress_falls_when_frames_wait_and_commits_do_not_move():
+    from ama_stream.agent.offsets import CommitProgress
+
+    watch = CommitProgress(stall_s=60, now=0.0)
+    assert watch.check(lag=0, committed=0, now=500.0) is None  # idle: nothing waits, never stalled
+    assert watch.check(lag=10, committed=0, now=510.0) is None  # waiting starts the clock
+    assert watch.check(lag=10, committed=0, now=569.0) is None
+    reason = watch.check(lag=12, committed=0, now=571.0)
+    assert reason == "no commit progress for 61 s while work waits" and watch.stalled
+    assert watch.check(lag=12, committed=5, now=572.0) is None and not watch.stalled  # a commit moved: ready again
