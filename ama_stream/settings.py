@@ -7,6 +7,7 @@ command's own flags), and turns every validation failure into one readable line.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -171,6 +172,32 @@ def _drop_dotted(data: dict[str, Any], dotted: str) -> None:
         node.pop(parts[-1], None)
 
 
+ENV_PREFIX = "AMA_"
+# AMA_* names that are not keys of every command's settings: switches of the tools around them, and
+# the top-level keys of the OTHER commands (the training config's and the agent's), so that one shell
+# can hold both. tests/test_settings.py keeps these sets equal to the models' fields.
+TOOL_ENV = frozenset({"data_root", "cache_dir", "log_level", "log_json", "debug", "require_compiled", "skip_cuda",
+                      "force_cuda", "test_bootstrap"})
+TRAIN_KEYS = frozenset({"data", "model", "loss", "optim", "train", "policy", "seed", "device", "data_root"})
+AGENT_KEYS = frozenset({"kafka", "topics", "group_id", "batching", "limits", "metrics", "retry", "device",
+                        "torch_threads", "checkpoint", "calibration", "calibration_check_s", "drift", "max_frames",
+                        "idle_exit_s", "consumer", "producer"})
+
+
+def check_environment(cls: type[BaseModel], environ: dict[str, str] | None = None) -> None:
+    """Refuse an AMA_* variable that names no setting anywhere (a misspelling like AMA_GROUPID would
+    otherwise be ignored in silence, while a misspelled nested key is refused)."""
+    known = set(cls.model_fields) | TOOL_ENV | TRAIN_KEYS | AGENT_KEYS
+    for name in sorted(os.environ if environ is None else environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        top = name[len(ENV_PREFIX):].lower().split("__", 1)[0]
+        if top not in known:
+            close = difflib.get_close_matches(top, sorted(cls.model_fields), n=1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else ""
+            raise SettingsError(f"environment variable {name} is not an ama-stream setting{hint}")
+
+
 def load_settings(
     cls: type[T],
     config_file: str | os.PathLike | None = None,
@@ -181,6 +208,7 @@ def load_settings(
 
     Sources merge key by key; `replace` names dotted keys whose whole value the overrides replace
     (the file's sub-keys there are dropped first), e.g. "data.normal" for a new source."""
+    check_environment(cls)
     file_data = read_yaml_file(config_file) if config_file else {}
     for dotted in replace:
         _drop_dotted(file_data, dotted)

@@ -95,3 +95,22 @@ def test_oversize_and_deeply_nested_configs_are_refused(tmp_path):
     deep.write_text("device: " + "[" * 100_000 + "]" * 100_000)
     with pytest.raises(SettingsError, match="deep.yaml"):
         load_settings(Example, deep)
+
+
+def test_a_misspelled_top_level_environment_variable_is_refused(monkeypatch):
+    """AMA_GROUPID=x was ignored in silence while a misspelled nested key is refused; now both are."""
+    monkeypatch.setenv("AMA_DEVCE", "cpu")
+    with pytest.raises(SettingsError, match="AMA_DEVCE is not an ama-stream setting.*did you mean AMA_DEVICE"):
+        load_settings(Example)
+    monkeypatch.delenv("AMA_DEVCE")
+    monkeypatch.setenv("AMA_TRAIN__EPOCHS", "5")  # another command's key: one shell may hold both
+    monkeypatch.setenv("AMA_CACHE_DIR", "off")  # a tool switch
+    assert load_settings(Example).device == "auto"
+
+
+def test_the_known_keys_of_other_commands_match_their_models():
+    from ama_stream.agent.settings import AgentSettings
+    from ama_stream.settings import AGENT_KEYS, TRAIN_KEYS
+    from training.config import TrainConfig
+
+    assert TRAIN_KEYS == set(TrainConfig.model_fields) and AGENT_KEYS == set(AgentSettings.model_fields)
