@@ -150,9 +150,15 @@ def decode_frame(value: bytes | None, content_type: bytes | str | None, limits: 
         raise FrameError("undecodable", "the value is not PNG, JPEG or NPY (no known magic bytes)")
     if declared is not None and declared != sniffed:
         raise FrameError("bad-content-type", f"content-type {declared} but the value is {sniffed}")
-    if sniffed == NPY:
-        return _decode_npy(value, limits)
-    return _decode_pil(value, sniffed, limits)
+    try:
+        if sniffed == NPY:
+            return _decode_npy(value, limits)
+        return _decode_pil(value, sniffed, limits)
+    except FrameError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- crafted bytes make PIL and numpy raise many other types
+        # (numpy's NPY header parser raised tokenize.TokenError under fuzzing): a bad frame, never a crash
+        raise FrameError("undecodable", f"not a readable {sniffed} value ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def encode_frame(image: np.ndarray, content_type: str) -> bytes:

@@ -85,3 +85,16 @@ def test_any_calibration_document_is_parsed_or_refused_with_calibration_error(da
         parse_calibration(data, "m", "fuzz")
     except CalibrationError as exc:
         assert str(exc).startswith("fuzz: ")
+
+
+def test_the_npy_header_the_fuzzer_found_is_a_frame_error():
+    """numpy's header parser raises tokenize.TokenError on an unclosed header (the fuzzer found one in
+    a mutated NPY): that escaped the decoder and would have ended the agent."""
+    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (4, 5"
+    crafted = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x00" * 20
+    try:
+        decode_frame(crafted, None, LIMITS)
+    except FrameError as exc:
+        assert exc.reason == "undecodable"
+    else:
+        raise AssertionError("decoded a crafted header")
