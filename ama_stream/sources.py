@@ -186,13 +186,15 @@ def _split_source_text(text: str) -> tuple[str, str]:
     return fmt, root.strip()
 
 
-def parse_source(text: str, classes: str | Sequence[str | int | float] | None = None) -> SourceSpec:
-    """`FORMAT:ROOT` (+ a class selection, a list or "a,b") -> SourceSpec; DataError when malformed."""
+def parse_source(text: str, classes: str | Sequence[str | int | float] | None = None,
+                 skip_corrupt: bool = False) -> SourceSpec:
+    """`FORMAT:ROOT` (+ a class selection, a list or "a,b"; "" or None: every class) -> SourceSpec;
+    DataError when malformed."""
     fmt, root = _split_source_text(text)
     if isinstance(classes, str):
-        classes = [c.strip() for c in classes.split(",") if c.strip()]
+        classes = [c.strip() for c in classes.split(",") if c.strip()] or None
     try:
-        return SourceSpec(format=fmt, root=root, classes=classes)
+        return SourceSpec(format=fmt, root=root, classes=classes, skip_corrupt=skip_corrupt)
     except ValidationError as exc:
         reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'source'}: {e['msg']}" for e in exc.errors())
         raise DataError(f"source {text!r}: {reasons}") from None

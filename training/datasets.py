@@ -196,16 +196,22 @@ def _same_class(fmt: str, a: str | int | float, b: str | int | float) -> bool:
     return abs(float(a) - float(b)) <= ELPV_TOLERANCE if fmt == "elpv" else a == b
 
 
-def _other_classes(spec: SourceSpec, data_root: str | os.PathLike | None) -> SourceSpec:
-    """The same source with every class that `spec` does not select."""
-    names = source_classes(spec, data_root)
-    if not names:
-        raise DataError(f"{spec.root} has no labels, so no other class can serve as anomalies")
+def _remaining_classes(spec: SourceSpec, names: tuple[str, ...]) -> list[str]:
+    """The class names of the source that `spec` does not select."""
     others = []
     for name in names:
         value = spec.with_classes([name]).classes[0]  # the name as the format compares it
         if not any(_same_class(spec.format, value, wanted) for wanted in spec.classes or ()):
             others.append(name)
+    return others
+
+
+def _other_classes(spec: SourceSpec, data_root: str | os.PathLike | None) -> SourceSpec:
+    """The same source with every class that `spec` does not select."""
+    names = source_classes(spec, data_root)
+    if not names:
+        raise DataError(f"{spec.root} has no labels, so no other class can serve as anomalies")
+    others = _remaining_classes(spec, names)
     if not others:
         raise DataError(f"data.normal.classes covers every class of {spec.root} ({', '.join(names)}); "
                         "no class is left to serve as anomalies")
@@ -258,7 +264,7 @@ def _good_only_or_other_classes(normal: SourceSpec, data_root: str | os.PathLike
                             "data.normal.classes (the others become the test anomalies), or point data.normal "
                             "at the folder of good images")
         return None
-    others = [n for n in names if normal.with_classes([n]).classes[0] not in normal.classes]
+    others = _remaining_classes(normal, names)
     return normal.with_classes(others) if others else None
 
 

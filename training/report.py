@@ -153,11 +153,7 @@ def extreme_indices(r: np.ndarray, count: int = GRID_IMAGES) -> tuple[np.ndarray
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (dict, list)):
-        return html.escape(str(v))
-    return html.escape(str(v))
+    return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
 
 def write_html(path: Path, title: str, metrics: Mapping[str, object], images: Sequence[str],

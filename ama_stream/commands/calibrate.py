@@ -119,9 +119,9 @@ def _file_frames(args: argparse.Namespace, checkpoint) -> Iterator[tuple[np.ndar
     if args.source.strip() == HELDOUT:
         spec, split_seed, test_fraction = _heldout_spec(checkpoint, args.data_root)
     else:
-        spec = parse_source(args.source, args.classes).with_split(args.split)
+        spec = parse_source(args.source, args.classes, args.skip_corrupt).with_split(args.split)
         split_seed, test_fraction = args.seed, DEFAULT_TEST_FRACTION
-    if args.skip_corrupt:
+    if args.skip_corrupt:  # the held-out source comes from the checkpoint
         spec = spec.model_copy(update={"skip_corrupt": True})
     items = iter_images(spec, args.data_root, seed=split_seed, test_fraction=test_fraction)
     class_names = source_classes(spec, args.data_root) if args.per_camera and not args.camera_id else ()

@@ -52,15 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a key of the training config's data section, e.g. data.limit_test=500")
 
 
-def _classes(text: str | None) -> list[str] | None:
-    return [c.strip() for c in text.split(",") if c.strip()] if text else None
-
-
 def _source(text: str | None, classes: str | None, skip_corrupt: bool):
-    if not text:
-        return None
-    spec = parse_source(text, _classes(classes))
-    return spec.model_copy(update={"skip_corrupt": True}) if skip_corrupt else spec
+    return parse_source(text, classes, skip_corrupt) if text else None
 
 
 def _check_inputs(ckpt, test, own_normals: bool) -> None:

@@ -39,13 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override any config key, value parsed as YAML (repeatable)")
 
 
-def _classes(text: str | None) -> list[str] | None:
-    return [c.strip() for c in text.split(",") if c.strip()] if text else None
-
-
 def _source(text: str, classes: str | None, skip_corrupt: bool) -> dict:
-    spec = parse_source(text, _classes(classes))
-    return spec.model_dump(mode="json", exclude_none=True) | ({"skip_corrupt": True} if skip_corrupt else {})
+    return parse_source(text, classes, skip_corrupt).model_dump(mode="json", exclude_none=True)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
