@@ -421,13 +421,15 @@ class Agent:
             )
             value, headers = encode_record(record), record_headers(f.meta)
             # if the broker refuses the record, the frame is dead-lettered (headers only) instead
+            # one fallback per frame (on its first record): a refused score AND alert is still one dead letter
             fallback = OutMessage(topics.dead_letter, f.meta.key, b"" if f.meta.key is None else None,
                                   dead_letter_headers(f.meta, "record-refused: the score record could not be published"),
                                   dead_letter=True)
             if topics.scores:
                 out.append(OutMessage(topics.scores, f.meta.out_key, value, headers, fallback=fallback))
             if f.anomaly:
-                out.append(OutMessage(topics.alerts, f.meta.out_key, value, headers, fallback=fallback))
+                out.append(OutMessage(topics.alerts, f.meta.out_key, value, headers,
+                                      fallback=None if topics.scores else fallback))
         for rej in result.rejected:
             log.debug("dead-lettering frame %s: %s", rej.meta.frame_id, rej.error)
             value = rej.value if rej.value is not None or rej.meta.key is not None else b""
