@@ -44,6 +44,7 @@ class FrameError(ValueError):
 class FrameLimits:
     max_frame_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 4096 * 4096
+    max_batch_pixels: int = 256 * 1024 * 1024  # decoded pixels per micro-batch (FrameDecoder)
 
 
 def sniff_content_type(value: bytes) -> str | None:
@@ -60,14 +61,17 @@ def _normalise_content_type(header: bytes | str | None) -> str | None:
     return text.split(";", 1)[0].strip().lower() or None
 
 
-def _check_pixels(height: int, width: int, limits: FrameLimits) -> None:
+def _check_pixels(height: int, width: int, limits: FrameLimits, batch_pixels_left: int | None) -> None:
     if height <= 0 or width <= 0:
         raise FrameError("bad-shape", f"image of {width}x{height} pixels is empty")
     if height * width > limits.max_pixels:
         raise FrameError("too-many-pixels", f"image of {width}x{height} pixels exceeds the limit of {limits.max_pixels}")
+    if batch_pixels_left is not None and height * width > batch_pixels_left:
+        raise FrameError("batch-too-many-pixels", f"image of {width}x{height} pixels exceeds what is left of the "
+                         f"micro-batch's pixel budget ({batch_pixels_left} of {limits.max_batch_pixels})")
 
 
-def _decode_pil(value: bytes, content_type: str, limits: FrameLimits) -> np.ndarray:
+def _decode_pil(value: bytes, content_type: str, limits: FrameLimits, batch_pixels_left: int | None) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(value), formats=[_PIL_FORMAT[content_type]])
     except Image.DecompressionBombError as exc:
@@ -76,7 +80,7 @@ def _decode_pil(value: bytes, content_type: str, limits: FrameLimits) -> np.ndar
         raise FrameError("undecodable", f"not a readable {content_type} image ({exc})") from None
     with img:
         width, height = img.size
-        _check_pixels(height, width, limits)  # from the header: nothing decompressed yet
+        _check_pixels(height, width, limits, batch_pixels_left)  # from the header: nothing decompressed yet
         target = _PIL_CONVERT.get(img.mode)
         if target is None and img.mode.startswith("I"):
             return _decode_sixteen_bit(img, content_type)
@@ -106,7 +110,7 @@ def _decode_sixteen_bit(img: Image.Image, content_type: str) -> np.ndarray:
         raise FrameError("unsupported-pixels", f"{content_type} with pixel mode {img.mode}: {exc}") from None
 
 
-def _decode_npy(value: bytes, limits: FrameLimits) -> np.ndarray:
+def _decode_npy(value: bytes, limits: FrameLimits, batch_pixels_left: int | None) -> np.ndarray:
     stream = io.BytesIO(value)
     try:
         version = np.lib.format.read_magic(stream)
@@ -124,7 +128,7 @@ def _decode_npy(value: bytes, limits: FrameLimits) -> np.ndarray:
         raise FrameError("unsupported-pixels", f"NPY dtype {dtype} (expected uint8)")
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
         raise FrameError("bad-shape", f"NPY shape {shape} (expected HxW or HxWxC with C in 1, 3, 4)")
-    _check_pixels(shape[0], shape[1], limits)
+    _check_pixels(shape[0], shape[1], limits, batch_pixels_left)
     expected = int(np.prod(shape))
     available = len(value) - stream.tell()
     if available != expected:
@@ -136,8 +140,12 @@ def _decode_npy(value: bytes, limits: FrameLimits) -> np.ndarray:
         raise FrameError("undecodable", f"not a readable NPY array ({exc})") from None
 
 
-def decode_frame(value: bytes | None, content_type: bytes | str | None, limits: FrameLimits) -> np.ndarray:
-    """A frame's value (+ its content-type header, if any) -> uint8 HxW or HxWxC; FrameError otherwise."""
+def decode_frame(value: bytes | None, content_type: bytes | str | None, limits: FrameLimits,
+                 batch_pixels_left: int | None = None) -> np.ndarray:
+    """A frame's value (+ its content-type header, if any) -> uint8 HxW or HxWxC; FrameError otherwise.
+
+    `batch_pixels_left`: what remains of the micro-batch's pixel budget; a frame above it is refused
+    from its header, before decompression."""
     if not value:
         raise FrameError("empty", "the frame has no value")
     if len(value) > limits.max_frame_bytes:
@@ -152,8 +160,8 @@ def decode_frame(value: bytes | None, content_type: bytes | str | None, limits: 
         raise FrameError("bad-content-type", f"content-type {declared} but the value is {sniffed}")
     try:
         if sniffed == NPY:
-            return _decode_npy(value, limits)
-        return _decode_pil(value, sniffed, limits)
+            return _decode_npy(value, limits, batch_pixels_left)
+        return _decode_pil(value, sniffed, limits, batch_pixels_left)
     except FrameError:
         raise
     except Exception as exc:  # noqa: BLE001 -- crafted bytes make PIL and numpy raise many other types

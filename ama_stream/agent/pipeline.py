@@ -91,20 +91,22 @@ class FrameDecoder:
     def __call__(self, batch: PolledBatch) -> DecodedBatch:
         """Each frame is decoded and at once fitted to the model size, so its native pixels are freed
         before the next frame is decoded: a batch of 64 frames of 4096x4096 RGBA holds one such
-        frame at a time (64 MiB), not 4 GiB."""
+        frame at a time (64 MiB), not 4 GiB. The batch's pixel budget (limits.max_batch_pixels)
+        bounds its decoding work: a frame past it is dead-lettered, value kept, for `replay`."""
         t0 = time.perf_counter()
         frames: list[FrameMeta] = []
         values: list[bytes] = []
         fitted: list[np.ndarray] = []
         rejected: list[Rejected] = []
         misfit = FitTally(self.scorer.spec)
+        pixels_left = self.limits.max_batch_pixels
         for rec in batch.records:
             meta = FrameMeta.from_record(rec)
             if meta.envelope_error is not None:  # never decoded: its envelope cannot be published whole
                 rejected.append(Rejected(meta, rec.value, "header-too-large", meta.envelope_error))
                 continue
             try:
-                native = decode_frame(rec.value, meta.content_type, self.limits)
+                native = decode_frame(rec.value, meta.content_type, self.limits, pixels_left)
             except FrameError as exc:
                 rejected.append(Rejected(meta, rec.value, exc.reason, str(exc)))
                 continue
@@ -114,6 +116,7 @@ class FrameDecoder:
                 rejected.append(Rejected(meta, rec.value, "preprocess-failed", f"preprocess-failed: {exc}"))
                 continue
             misfit.add(native_shape(native))
+            pixels_left -= native.shape[0] * native.shape[1]
             del native
             frames.append(meta)
             values.append(rec.value)

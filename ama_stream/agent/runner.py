@@ -143,7 +143,8 @@ class Agent:
         self._calibration = calibration or initial_calibration(self.calibration_file, scorer)
         self.control_topic: ControlTopic | None = None
         self.drift = drift_monitor(settings, self._calibration)
-        self.decoder = FrameDecoder(scorer, FrameLimits(settings.limits.max_frame_bytes, settings.limits.max_pixels))
+        lim = settings.limits
+        self.decoder = FrameDecoder(scorer, FrameLimits(lim.max_frame_bytes, lim.max_pixels, lim.max_batch_pixels))
         self.metrics = AgentMetrics()
         self._show_calibration()
         self.health = Health(settings.metrics.stall_s)

@@ -133,3 +133,39 @@ def test_encode_refuses_what_decode_would_refuse():
         encode_frame(np.zeros((4, 4), dtype=np.float32), PNG)
     with pytest.raises(ValueError, match="cannot encode"):
         encode_frame(np.zeros((4, 4), dtype=np.uint8), JPEG)
+
+
+def test_the_batch_pixel_budget_is_checked_from_the_header_before_decoding():
+    """A frame larger than what is left of the micro-batch's budget is refused with its own reason;
+    PNG and NPY alike, and the per-frame limit still comes first."""
+    png, npy = _png(np.zeros((100, 100), np.uint8)), _npy(np.zeros((100, 100), np.uint8))
+    for value in (png, npy):
+        assert decode_frame(value, None, LIMITS, batch_pixels_left=100 * 100).shape == (100, 100)
+        with pytest.raises(FrameError) as err:
+            decode_frame(value, None, LIMITS, batch_pixels_left=100 * 100 - 1)
+        assert err.value.reason == "batch-too-many-pixels"
+    with pytest.raises(FrameError) as err:
+        decode_frame(_png(np.zeros((300, 300), np.uint8)), None, LIMITS, batch_pixels_left=10**9)
+    assert err.value.reason == "too-many-pixels"
+
+
+def test_the_frame_decoder_spends_the_batch_budget_in_poll_order():
+    """FrameDecoder (no Kafka): with room for two 64x64 frames, the third and fourth of a batch are
+    dead-lettered with their values kept (for `replay`), and the positions still cover all four."""
+    from types import SimpleNamespace
+
+    from kafka.consumer.fetcher import ConsumerRecord
+
+    from ama_stream.agent.pipeline import FrameDecoder, PolledBatch
+    from ama_stream.preprocess import PreprocessSpec
+
+    scorer = SimpleNamespace(spec=PreprocessSpec(image_size=32, channels=1), device=SimpleNamespace(type="cpu"))
+    limits = FrameLimits(max_frame_bytes=1 << 20, max_pixels=256 * 256, max_batch_pixels=2 * 64 * 64)
+    values = [_png(rng.integers(0, 256, (64, 64), dtype=np.uint8)) for _ in range(4)]
+    records = [ConsumerRecord("frames", 0, -1, 10 + i, 0, 0, b"cam", v, [], None, 0, 0, 0) for i, v in enumerate(values)]
+    decoded = FrameDecoder(scorer, limits)(PolledBatch(records, epoch=0))
+    assert [m.offset for m in decoded.frames] == [10, 11]
+    assert tuple(decoded.inputs.shape) == (2, 1, 32, 32)
+    assert [(r.meta.offset, r.reason, r.value) for r in decoded.rejected] == [
+        (12, "batch-too-many-pixels", values[2]), (13, "batch-too-many-pixels", values[3])]
+    assert set(decoded.positions.values()) == {14}

@@ -114,24 +114,34 @@ def _peak_rss_mb(args: list[str]) -> tuple[int, float]:
 
 
 def test_a_batch_of_huge_frames_stays_within_memory(make_topics, producer, random_checkpoint):
-    """16 frames of 4096x4096 RGBA zeros (65 KB each as PNG, within the pixel limit): decoded they are
-    1 GiB. Each is now fitted to the model right after decoding, so the batch never holds them all:
-    the agent's peak RSS grows by less than 400 MiB over the same run with small frames."""
+    """The issue's case: 64 frames of 4096x4096 RGBA zeros (65 KB each as PNG, within the per-frame
+    pixel limit) in one micro-batch are 4 GiB decoded. The batch's pixel budget (default 256 Mi
+    pixels) decodes the first 16 and dead-letters the rest, values kept, before decompression; each
+    decoded frame is fitted to the model at once. Peak RSS grows by less than 400 MiB over the same
+    run with 64 small frames, and a restart scores nothing again."""
     out = io.BytesIO()
     Image.fromarray(np.zeros((4096, 4096, 4), dtype=np.uint8), mode="RGBA").save(out, format="PNG")
     huge = out.getvalue()
     peaks = {}
+    serve = ["--max-batch", "64", "--max-wait-ms", "10000", "--metrics-port", "0", "--device", "cpu"]
     for kind in ("small", "huge"):
         topics = make_topics(partitions=1)
-        for i in range(16):
+        for i in range(64):
             producer.send(topics.frames, key=b"cam", value=huge if kind == "huge" else _png(i),
                           headers=[("frame-id", f"{kind}-{i}".encode())])
         producer.flush()
-        rc, peaks[kind] = _peak_rss_mb([*"serve".split(), *topics.serve_args(random_checkpoint), "--max-frames", "16",
-                                        "--max-batch", "16", "--max-wait-ms", "2000", "--metrics-port", "0",
-                                        "--device", "cpu"])
+        rc, peaks[kind] = _peak_rss_mb(["serve", *topics.serve_args(random_checkpoint), "--max-frames", "64", *serve])
         assert rc == 0
-        assert len(read_all(topics.bootstrap, topics.scores)) == 16
+        scores, dead = read_all(topics.bootstrap, topics.scores), read_all(topics.bootstrap, topics.dlq, timeout=10)
+        if kind == "small":
+            assert len(scores) == 64 and not dead
+            continue
+        assert len(scores) + len(dead) == 64 and len(scores) >= 16
+        assert {dict(r.headers)["error"].split(b":")[0] for r in dead} == {b"batch-too-many-pixels"}
+        assert all(r.value == huge for r in dead)  # replayable
+        rc, _ = _peak_rss_mb(["serve", *topics.serve_args(random_checkpoint), "--idle-exit-s", "3", *serve])
+        assert rc == 0
+        assert len(read_all(topics.bootstrap, topics.scores, timeout=10)) == len(scores)  # committed past all 64
     assert peaks["huge"] - peaks["small"] < 400, peaks
 
 
