@@ -137,37 +137,6 @@ def make_producer(kafka: KafkaSection, producer: dict[str, Any], connect_timeout
     return build_client(KafkaProducer, **producer_config(kafka, producer, connect_timeout_s))
 
 
-class RepeatFilter(logging.Filter):
-    """Lets one kafka-python record per (logger, level, message template) through per `interval_s`.
-
-    kafka-python logs every failed reconnect at ERROR; during an outage the agent's own
-    retry lines say what is going on, and this keeps kafka-python's detail without the flood.
-    Records of other loggers pass untouched.
-    """
-
-    def __init__(self, interval_s: float = 30.0, prefix: str = "kafka"):
-        super().__init__()
-        self.interval_s, self.prefix = interval_s, prefix
-        self._last: dict[tuple[str, int, str], float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith(self.prefix):
-            return True
-        key = (record.name, record.levelno, str(record.msg))
-        now = time.monotonic()
-        if now - self._last.get(key, -1e18) < self.interval_s:
-            return False
-        self._last[key] = now
-        return True
-
-
-def quiet_kafka_logs(interval_s: float = 30.0) -> None:
-    """Installs RepeatFilter on the root handlers, which kafka-python's records reach (idempotent)."""
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RepeatFilter) for f in handler.filters):
-            handler.addFilter(RepeatFilter(interval_s))
-
-
 def ensure_topics(kafka: KafkaSection, partitions: dict[str, int], replication: int = 1) -> list[str]:
     """Creates the topics that do not exist yet (name -> partition count); returns the ones created."""
     admin = build_client(KafkaAdminClient, **kafka.client_config())

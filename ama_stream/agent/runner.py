@@ -42,11 +42,12 @@ from kafka.structs import TopicPartition
 from ama_stream.calibration import Calibration
 from ama_stream.checkpoint import load_checkpoint
 from ama_stream.drift import CameraDrift, DriftBand, DriftMonitor
+from ama_stream.logs import quiet_kafka_logs
 from ama_stream.scoring import Scorer
 from ama_stream.settings import SettingsError, masked
 
 from .frames import FrameLimits
-from .kafka_io import connect_with_retry, describe, make_consumer, make_producer, quiet_kafka_logs
+from .kafka_io import connect_with_retry, describe, make_consumer, make_producer
 from .metrics import AgentMetrics, Health, HealthServer
 from .offsets import CommitProgress, OffsetBook
 from .pipeline import DecodedBatch, FrameDecoder, PolledBatch, ScoredBatch, score_batch

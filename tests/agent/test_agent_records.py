@@ -10,11 +10,12 @@ import yaml
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
-from ama_stream.agent.kafka_io import RepeatFilter, consumer_config, producer_config
+from ama_stream.agent.kafka_io import consumer_config, producer_config
 from ama_stream.agent.offsets import OffsetBook
 from ama_stream.agent.records import SCORE_SCHEMA, FrameMeta, dead_letter_headers, encode_record, score_record
 from ama_stream.agent.settings import AgentSettings
 from ama_stream.commands import serve
+from ama_stream.logs import KafkaBurstFilter
 from ama_stream.settings import SettingsError, load_settings, masked
 
 from .conftest import REPO
@@ -131,16 +132,20 @@ def test_secrets_are_masked_and_passed_through():
     assert cfg["sasl_plain_password"] == "hunter2" and cfg["ssl_password"] == "keypass" and cfg["acks"] == "all"
 
 
-def test_repeat_filter_thins_kafka_records_only():
-    flt = RepeatFilter(interval_s=60)
+def test_kafka_burst_filter_passes_one_kafka_line_per_failure():
+    flt = KafkaBurstFilter(interval_s=60)
 
-    def rec(name, msg):
-        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, (), None)
+    def rec(name, msg, level=logging.ERROR):
+        return logging.LogRecord(name, level, __file__, 1, msg, ("x",), None)
 
-    assert flt.filter(rec("kafka.conn", "Connection failed: %s"))
-    assert not flt.filter(rec("kafka.conn", "Connection failed: %s"))
-    assert flt.filter(rec("kafka.conn", "another message"))
-    assert flt.filter(rec("ama_stream.agent", "Connection failed: %s")) and flt.filter(rec("ama_stream.agent", "Connection failed: %s"))
+    burst = [rec("kafka.net.manager", "Connection failed: %s"), rec("kafka.net.connection", "Connection lost: %s"),
+             rec("kafka.net.manager", "Bootstrap failed: %s", logging.WARNING)]
+    assert [flt.filter(r) for r in burst] == [True, False, False]
+    assert flt.filter(rec("kafka.conn", "detail %s", logging.DEBUG))  # debug detail is not thinned
+    assert flt.filter(rec("ama_stream.agent", "broker %s down")) and flt.filter(rec("ama_stream.agent", "broker %s down"))
+    flt._burst_since -= 61  # the next failure, a minute later
+    later = rec("kafka.net.manager", "Connection failed: %s")
+    assert flt.filter(later) and later.getMessage() == "Connection failed: x (and 2 more kafka-python lines of the last failure)"
 
 
 def test_agent_yaml_documents_every_setting_with_its_default():
