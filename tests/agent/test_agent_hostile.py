@@ -98,6 +98,11 @@ def test_crafted_calibrations_on_file_and_control_topic_leave_the_agent_running(
     assert runner.join() == 0
     scores = Counter(json.loads(r.value)["frame_id"] for r in read_all(topics.bootstrap, topics.scores))
     assert set(scores) == {i.frame_id for i in items} and max(scores.values()) == 1
+    path.write_text(text)  # the operator repairs the file; a restart (control topic replayed) scores nothing again
+    again = agent_threads(topics.settings(random_checkpoint, calibration=str(path), topics={"calibration": control},
+                                          idle_exit_s=3.0))
+    assert again.join() == 0 and again.agent.stats.scored == 0
+    assert again.agent.calibration.calibration_id == good.calibration_id
 
 
 def _peak_rss_mb(args: list[str]) -> tuple[int, float]:
@@ -175,3 +180,45 @@ def test_readiness_falls_when_frames_wait_and_no_commit_moves(make_topics, produ
     runner.agent.stop()
     released.set()
     runner.join()
+
+
+def test_hostile_config_env_and_digits_refused_then_a_clean_run_scores_each_frame_once(
+        make_topics, producer, random_checkpoint, tmp_path):
+    """The smaller cases through `serve` itself: a 389-byte YAML alias bomb in --config (before: a
+    MemoryError, then a hang ignoring SIGTERM) and a misspelled top-level env var (before: silently
+    ignored) each end serve at once with one line naming the file / variable, having consumed
+    nothing; frames whose captured-at holds non-ASCII digits are scored (the header is ignored, not
+    read as 333). Then a clean run scores every frame once and a restart scores none again."""
+    import os
+    import subprocess
+    import sys
+
+    topics = make_topics(partitions=2)
+    good = random_items(12, "ok")
+    publish(producer, topics.frames, good, cameras=2)
+    for i, digits in enumerate(["٣٣٣", "１２３"]):
+        producer.send(topics.frames, key=b"cam-0", value=_png(40 + i),
+                      headers=[("frame-id", f"digits-{i}".encode()), ("captured-at", digits.encode())])
+    producer.flush()
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9)))
+    base = [sys.executable, "-m", "ama_stream.cli", "serve", *topics.serve_args(random_checkpoint), "--metrics-port", "0"]
+
+    def serve(*extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *extra], capture_output=True, text=True, timeout=180,
+                              env={**os.environ, **(env or {})})
+
+    refused = serve("--config", str(bomb))
+    assert refused.returncode != 0
+    assert "bomb.yaml" in refused.stderr.strip().splitlines()[-1] and "alias" in refused.stderr
+    refused = serve(env={"AMA_GROUPID": "x"})
+    assert refused.returncode != 0 and "AMA_GROUPID" in refused.stderr.strip().splitlines()[-1]
+    assert not any(committed_offsets(topics.bootstrap, topics.group, topics.frames).values())
+
+    assert serve("--max-frames", "14").returncode == 0
+    expected = {item.frame_id for item in good} | {"digits-0", "digits-1"}
+    scores = Counter(json.loads(r.value)["frame_id"] for r in read_all(topics.bootstrap, topics.scores))
+    assert set(scores) == expected and max(scores.values()) == 1
+    assert serve("--idle-exit-s", "3").returncode == 0
+    assert len(read_all(topics.bootstrap, topics.scores)) == 14
