@@ -137,6 +137,12 @@ class LimitsSection(Section):
     # decoding time; a frame past it is dead-lettered (batch-too-many-pixels) with its value, for `replay`
     max_batch_pixels: int = Field(256 * 1024 * 1024, ge=1)
 
+    @model_validator(mode="after")
+    def _one_frame_fits_a_batch(self) -> "LimitsSection":
+        if self.max_batch_pixels < self.max_pixels:  # else a frame that passes max_pixels could never be scored
+            raise ValueError(f"max_batch_pixels ({self.max_batch_pixels}) must be at least max_pixels ({self.max_pixels})")
+        return self
+
 
 class MetricsSection(Section):
     enabled: bool = True  # serve /metrics, /healthz and /readyz over HTTP

@@ -147,6 +147,7 @@ def test_a_batch_of_huge_frames_stays_within_memory(make_topics, producer, rando
         rc, _ = _peak_rss_mb(["serve", *topics.serve_args(random_checkpoint), "--idle-exit-s", "3", *serve])
         assert rc == 0
         assert len(read_all(topics.bootstrap, topics.scores, timeout=10)) == len(scores)  # committed past all 64
+    print(f"peak RSS (MiB): {peaks}")
     assert peaks["huge"] - peaks["small"] < 400, peaks
 
 

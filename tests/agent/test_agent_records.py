@@ -218,3 +218,10 @@ def test_commit_progress_falls_when_frames_wait_and_commits_do_not_move():
     reason = watch.check(lag=12, committed=0, now=571.0)
     assert reason == "no commit progress for 61 s while work waits" and watch.stalled
     assert watch.check(lag=12, committed=5, now=572.0) is None and not watch.stalled  # a commit moved: ready again
+
+
+def test_a_batch_pixel_budget_below_one_frame_is_refused():
+    """Else every frame between the two limits would be dead-lettered forever."""
+    with pytest.raises(ValueError, match=r"max_batch_pixels \(10\) must be at least max_pixels"):
+        AgentSettings(checkpoint="m.pt", limits={"max_batch_pixels": 10})
+    assert AgentSettings(checkpoint="m.pt", limits={"max_pixels": 100, "max_batch_pixels": 100}).limits.max_batch_pixels == 100
