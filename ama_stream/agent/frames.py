@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ama_stream.sources import pil_to_uint8
+from ama_stream.images import pil_to_uint8
 
 PNG = "image/png"
 JPEG = "image/jpeg"
@@ -23,7 +23,7 @@ CONTENT_TYPES = (PNG, JPEG, NPY)
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", PNG), (b"\xff\xd8\xff", JPEG), (b"\x93NUMPY", NPY))
 _PIL_FORMAT = {PNG: "PNG", JPEG: "JPEG"}
 # PIL modes converted to one of L / RGB / RGBA; 16-bit gray ("I;16*", "I") is scaled to 8 bits as
-# the training loaders do (sources.pil_to_uint8), so a camera scores like its training images.
+# the training loaders do (images.pil_to_uint8), so a camera scores like its training images.
 # Anything else (float) is refused.
 _PIL_CONVERT = {"1": "L", "L": "L", "LA": "RGBA", "P": "RGBA", "PA": "RGBA", "RGB": "RGB", "RGBA": "RGBA",
                 "CMYK": "RGB", "YCbCr": "RGB"}
