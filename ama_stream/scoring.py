@@ -7,9 +7,11 @@ as z = (R - mu) / sigma and log A, never as a raw density that underflows.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
@@ -18,7 +20,11 @@ from torch.nn.utils import parametrize
 from . import ops
 from .checkpoint import Checkpoint, load_checkpoint
 from .model import stacked_pairs
-from .preprocess import prepare_batch
+from .preprocess import FitTally, native_shape, prepare_batch, to_tensor
+from .progress import progress
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationFitter
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +163,43 @@ class Scorer:
     def score_images(self, images, mu: float | None = None, sigma: float | None = None) -> Scores:
         return self.score_tensor(self.prepare(images), mu, sigma)
 
-    def r_scores(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-        """R-scores of a large input tensor, in chunks."""
-        out = [self.score_tensor(x[i : i + batch_size]).r for i in range(0, x.shape[0], batch_size)]
+    def r_scores(self, x: torch.Tensor | np.ndarray, batch_size: int = 256, desc: str | None = None) -> np.ndarray:
+        """R-scores of many inputs in chunks: a model-input tensor, or uint8 [N, S, S, C] images already
+        fitted to the model size (converted chunk by chunk, so a large set is never one float copy).
+        `desc` shows progress under that name."""
+        out = []
+        with progress(total=len(x), desc=desc, unit="img") if desc else contextlib.nullcontext() as bar:
+            for i in range(0, len(x), batch_size):
+                chunk = x[i : i + batch_size]
+                out.append(self.score_tensor(chunk if isinstance(chunk, torch.Tensor) else to_tensor(chunk)).r)
+                if bar is not None:
+                    bar.update(len(out[-1]))
         return np.concatenate(out) if out else np.zeros(0)
+
+
+def score_frames(scorer: Scorer, frames: Iterable[tuple[np.ndarray, str | None]], fitter: CalibrationFitter,
+                 batch_size: int = 256, limit: int | None = None) -> FitTally:
+    """Scores (image, camera id) pairs in batches into `fitter`, at most `limit`, with progress.
+    Returns the tally of frames that did not fit the model as they were (size, channels)."""
+    tally = FitTally(scorer.spec)
+    images: list[np.ndarray] = []
+    cameras: list[str | None] = []
+
+    def flush() -> None:
+        if images:
+            fitter.update(scorer.score_images(images).r, cameras)
+            bar.update(len(images))
+            images.clear()
+            cameras.clear()
+
+    with progress(total=limit, desc="calibrating", unit="frame") as bar:
+        for count, (image, camera) in enumerate(frames, start=1):
+            tally.add(native_shape(image))
+            images.append(image)
+            cameras.append(camera)
+            if len(images) == batch_size:
+                flush()
+            if limit is not None and count >= limit:
+                break
+        flush()
+    return tally

@@ -35,7 +35,7 @@ from ama_stream.sources import parse_source, resolve_data_root  # noqa: E402
 from training.baselines import autoencoder_baseline, pca_baseline  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.datasets import build_protocol, build_test_set  # noqa: E402
-from training.evaluate import detection_metrics, r_scores  # noqa: E402
+from training.evaluate import detection_metrics  # noqa: E402
 from training.trainer import train  # noqa: E402
 
 RESULTS_MD = REPO / "docs" / "results.md"
@@ -103,7 +103,7 @@ def main() -> int:
                **{k: v for k, v in m.items() if k.startswith(("recall_", "far_"))}}
         if args.holdout:
             test = build_test_set(cfg.data, data_root, seed, anomaly=parse_source(args.holdout))
-            hold = detection_metrics(r_scores(Scorer(ckpt, device=cfg.device), test.images), test.labels,
+            hold = detection_metrics(Scorer(ckpt, device=cfg.device).r_scores(test.images), test.labels,
                                      Calibration.from_checkpoint(ckpt))
             row["holdout"] = {"source": args.holdout, **{k: hold[k] for k in ("auroc_a", "auroc_r", "n_anomaly")}}
         if "pca" in args.baseline:

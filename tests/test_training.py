@@ -181,12 +181,12 @@ def test_model_selection_ranks_epochs_by_the_a_score_under_the_fitted_gaussian(m
     }
     epoch = {"now": 0}
 
-    def fake_r_scores(scorer, images, batch_size=256, desc=""):
+    def fake_r_scores(scorer, images, batch_size=256, desc=None):
         if len(images) == len(val.images):
             return scenarios[epoch["now"]]
         return 10 + rng.standard_normal(len(images))  # the fit subset: N(10, 1)
 
-    monkeypatch.setattr(trainer_module, "r_scores", fake_r_scores)
+    monkeypatch.setattr(trainer_module.Scorer, "r_scores", fake_r_scores)
     t = Trainer(tiny_config("train.select_from_epoch=0"), ProtocolData(data.train, (), val, data.test))
     for e in (0, 1):
         epoch["now"] = e

@@ -13,18 +13,7 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from ama_stream.calibration import Calibration, Policy, fit_calibration
 from ama_stream.preprocess import to_tensor
-from ama_stream.progress import progress
 from ama_stream.scoring import Scorer
-
-
-def r_scores(scorer: Scorer, images: np.ndarray, batch_size: int = 256, desc: str = "scoring") -> np.ndarray:
-    """R-scores of uint8 [N, S, S, C] images already fitted to the model size (with progress)."""
-    out = []
-    with progress(total=len(images), desc=desc, unit="img") as bar:
-        for i in range(0, len(images), batch_size):
-            out.append(scorer.score_tensor(to_tensor(images[i : i + batch_size])).r)
-            bar.update(len(out[-1]))
-    return np.concatenate(out) if out else np.zeros(0)
 
 
 def fit_gaussian(r: np.ndarray) -> tuple[float, float]:
@@ -119,7 +108,7 @@ def full_metrics(r: np.ndarray, labels: np.ndarray, calibration: Calibration, se
 
 
 def evaluate_scorer(scorer: Scorer, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> dict:
-    r = r_scores(scorer, images, batch_size)
+    r = scorer.r_scores(images, batch_size)
     return full_metrics(r, labels, Calibration.from_checkpoint(scorer.checkpoint))
 
 

@@ -30,7 +30,7 @@ from ama_stream.sources import resolve_data_root
 
 from .config import TrainConfig
 from .datasets import ProtocolData, build_protocol, holdout_record, resolve_image_shape
-from .evaluate import detection_metrics, fit_gaussian, full_metrics, good_only_metrics, r_scores
+from .evaluate import detection_metrics, fit_gaussian, full_metrics, good_only_metrics
 from .losses import AMAObjective
 from .negatives import needs_codes, sample_negatives
 
@@ -187,9 +187,9 @@ class Trainer:
             return
         scorer = self._scorer(mu=0.0, sigma=1.0)  # R does not depend on mu/sigma
         fit_images = self._fit_subset()
-        mu, sigma = fit_gaussian(r_scores(scorer, fit_images, desc="fitting mu/sigma"))
+        mu, sigma = fit_gaussian(scorer.r_scores(fit_images, desc="fitting mu/sigma"))
         calibration = Calibration.from_checkpoint(self._checkpoint(mu, sigma, len(fit_images)))
-        metrics = detection_metrics(r_scores(scorer, val.images, desc="validation"), val.labels, calibration)
+        metrics = detection_metrics(scorer.r_scores(val.images, desc="validation"), val.labels, calibration)
         if metrics["auroc_a"] > self.state.best_score:
             self.state.best_score, self.state.best_epoch = metrics["auroc_a"], epoch
             self.best_weights = copy.deepcopy(self.model.state_dict())
@@ -255,7 +255,7 @@ class Trainer:
         """Fit mu/sigma of the training R-scores, evaluate on the test protocol, write outputs."""
         scorer = self._scorer(mu=0.0, sigma=1.0)
         fit_images = self._fit_subset()
-        r_fit = r_scores(scorer, fit_images, desc="fitting mu/sigma on training images")
+        r_fit = scorer.r_scores(fit_images, desc="fitting mu/sigma on training images")
         mu, sigma = fit_gaussian(r_fit)
         log.info("training R-scores: mu=%.6g sigma=%.6g (n=%d)", mu, sigma, len(fit_images))
         ckpt = self._checkpoint(mu, sigma, len(fit_images))
@@ -265,7 +265,7 @@ class Trainer:
         test = self.data.test
         scorer = Scorer(ckpt, device=self.device)
         calibration = Calibration.from_checkpoint(ckpt)
-        r_test = r_scores(scorer, test.images, desc="scoring test images") if test is not None and len(test.labels) \
+        r_test = scorer.r_scores(test.images, desc="scoring test images") if test is not None and len(test.labels) \
             else np.zeros(0)
         if test is not None and test.n_normal:
             metrics.update(good_only_metrics(scorer, test.images[test.labels == 0], r_test[test.labels == 0], calibration))

@@ -27,7 +27,7 @@ from ama_stream.calibration import Calibration
 from ama_stream.preprocess import FitTally
 
 from ..datasets import build_test_set, holdout_record
-from ..evaluate import full_metrics, good_only_metrics, human_table, r_scores
+from ..evaluate import full_metrics, good_only_metrics, human_table
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     test = build_test_set(data, data_root, seed, normal=normal, anomaly=anomaly)
     _check_inputs(ckpt, test, normal is None)
     scorer = Scorer(ckpt, device=args.device)
-    r = r_scores(scorer, test.images, batch_size=args.batch_size, desc="scoring test images")
+    r = scorer.r_scores(test.images, batch_size=args.batch_size, desc="scoring test images")
     calibration = Calibration.from_checkpoint(ckpt)
     good = test.labels == 0
     result = good_only_metrics(scorer, test.images[good], r[good], calibration)
