@@ -58,9 +58,10 @@ def test_same_seed_same_model_different_seed_different_model():
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_resume_continues_exactly_where_it_stopped(tmp_path):
+@pytest.mark.parametrize("average", [[], ["train.ema_decay=0.9"]], ids=["last-weights", "weight-average"])
+def test_resume_continues_exactly_where_it_stopped(tmp_path, average):
     # 2 epochs of 3 steps, with the negatives switching on in the second epoch and an lr milestone.
-    common = ["train.steps_per_epoch=3", "loss.negatives.start_epoch=1", "optim.milestones=[1]"]
+    common = ["train.steps_per_epoch=3", "loss.negatives.start_epoch=1", "optim.milestones=[1]", *average]
     straight = train(tiny_config(*common, "train.epochs=2"), out_dir=tmp_path / "straight", data=synthetic_data())
     train(tiny_config(*common, "train.epochs=1"), out_dir=tmp_path / "part", data=synthetic_data())
     resumed = train(tiny_config(*common, "train.epochs=2"), out_dir=tmp_path / "resumed",
@@ -192,3 +193,29 @@ def test_model_selection_ranks_epochs_by_the_a_score_under_the_fitted_gaussian(m
         epoch["now"] = e
         t._select_model(e)
     assert t.state.best_epoch == 0
+
+
+def test_weight_average_is_what_the_checkpoint_holds():
+    """train.ema_decay: the saved networks are the running average of the step weights (decay 0.5 over
+    three steps: w = 0.25 w1 + 0.25 w2 + 0.5 w3), not the last step's weights; BN statistics are
+    recomputed for them."""
+    steps = []
+    original = Trainer.train_step
+
+    def spy(self, x, epoch):
+        logs = original(self, x, epoch)
+        steps.append({k: v.detach().clone() for k, v in self.model.named_parameters()})
+        return logs
+
+    cfg = tiny_config("train.max_steps=3", "train.ema_decay=0.5")
+    trainer = Trainer(cfg, synthetic_data())
+    trainer.train_step = spy.__get__(trainer)
+    ckpt = trainer.fit()
+    name = "generator.dense.weight"
+    expected = 0.25 * steps[0][name] + 0.25 * steps[1][name] + 0.5 * steps[2][name]
+    assert torch.allclose(ckpt.state_dict[name], expected, atol=1e-6)
+    assert not torch.allclose(ckpt.state_dict[name], steps[2][name])
+    bn_mean = ckpt.state_dict["encoder.net.1.running_mean"]
+    assert torch.isfinite(bn_mean).all() and bn_mean.abs().sum() > 0
+    assert ckpt.state_dict["encoder.net.1.num_batches_tracked"] > 0
+    assert np.isfinite(ckpt.mu) and ckpt.sigma > 0

@@ -98,6 +98,9 @@ class TrainSection(Section):
     channels_last: bool = True  # NHWC activations: about 2x faster convolutions on CPU (mkldnn)
     fit_max_images: int = Field(20000, ge=2)  # training images used to fit mu/sigma of R
     select_from_epoch: int = Field(20, ge=0)  # model selection with labelled val anomalies starts here
+    # exponential moving average of the E, G and D weights, used for the saved model (None = the last
+    # weights). GAN training oscillates; an average over the last ~1/(1-decay) steps is steadier
+    ema_decay: float | None = Field(None, gt=0, lt=1)
 
 
 class TrainConfig(AmaSettings):

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ama_stream.calibration import Calibration
 from ama_stream.checkpoint import Checkpoint, save_checkpoint
 from ama_stream.fileio import atomic_write_bytes
-from ama_stream.model import AMA
+from ama_stream.model import AMA, pair
 from ama_stream.preprocess import to_tensor
 from ama_stream.progress import progress
 from ama_stream.scoring import Scorer, resolve_device
@@ -74,6 +76,8 @@ class Trainer:
             for k, opt in self.optimizers.items()
         }
         self.objective = AMAObjective(cfg.loss, cfg.model.mirrored)
+        decay = cfg.train.ema_decay
+        self.average = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay else None
         self.state = LoopState()
         self.best_weights: dict | None = None
         self._board = None  # TensorBoard writer, made on first use (False: tensorboard not installed)
@@ -150,7 +154,36 @@ class Trainer:
             log.info("using the model selected at epoch %d (val AUROC-A %.4f)", self.state.best_epoch + 1,
                      self.state.best_score)
             self.model.load_state_dict(self.best_weights)
+        elif self.average is not None:
+            self._use_average()
         return self.finish()
+
+    def _use_average(self, batches: int = 20) -> None:
+        """Load the averaged weights, then recompute what belongs to them, not to the last weights:
+        the BatchNorm statistics of E and G (a cumulative average over `batches` training batches) and
+        the spectral-norm power-iteration vectors of D (a few train-mode passes)."""
+        with torch.no_grad():
+            for live, averaged in zip(self.model.parameters(), self.average.module.parameters()):
+                live.copy_(averaged)
+        norms = [m for net in (self.model.encoder, self.model.generator) for m in net.modules()
+                 if isinstance(m, _BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the passes below
+        bs = self.cfg.train.batch_size
+        order = np.random.default_rng(self.cfg.seed + 4).permutation(len(self.train_images))
+        self.model.train()
+        with torch.no_grad():
+            for i in range(min(batches, max(1, len(order) // bs))):
+                x = to_tensor(self.train_images[np.sort(order[i * bs:(i + 1) * bs])]).to(
+                    self.device, memory_format=self.memory_format)
+                self.model.reconstruct(x)
+                if i < 10:  # one power iteration per pass
+                    self.model.discriminator(pair(x, x, self.model_cfg.mirrored))
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        log.info("using the weight average (decay %g) over the last steps", self.cfg.train.ema_decay)
 
     def _run_epochs(self, bar, t0: float, step0: int, total: int, per_epoch: int) -> None:
         cfg = self.cfg.train
@@ -165,6 +198,8 @@ class Trainer:
                 x = to_tensor(self.train_images[idx]).to(self.device, non_blocking=True,
                                                          memory_format=self.memory_format)
                 logs = self.train_step(x, epoch)
+                if self.average is not None:
+                    self.average.update_parameters(self.model)
                 self.state.step += 1
                 bar.update(1)
                 if self.state.step % cfg.log_every == 0 or self.state.step == total:
@@ -322,6 +357,7 @@ class Trainer:
             "loop": {"epoch": self.state.epoch, "step": self.state.step,
                      "best_score": self.state.best_score, "best_epoch": self.state.best_epoch},
             "best_weights": self.best_weights,
+            "average": self.average.state_dict() if self.average is not None else None,
             "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state(),
                     "numpy": json.dumps(self.rng.bit_generator.state)},
         }
@@ -350,6 +386,8 @@ class Trainer:
         loop = payload["loop"]
         self.state = LoopState(loop["epoch"], loop["step"], loop["best_score"], loop["best_epoch"])
         self.best_weights = payload.get("best_weights")
+        if self.average is not None and payload.get("average") is not None:
+            self.average.load_state_dict(payload["average"])
         torch.set_rng_state(payload["rng"]["torch"])
         self.gen.set_state(payload["rng"]["gen"])
         self.rng.bit_generator.state = json.loads(payload["rng"]["numpy"])
