@@ -34,3 +34,10 @@ def test_each_paper_experiment_has_a_cpu_preset_on_the_same_data(name):
     pixels = cpu.data.image_size ** 2 * cpu.data.channels
     # the budget that measured ~10 minutes on 2 cores: 500 steps of 64 gray 32x32 images
     assert steps * cpu.train.batch_size * pixels <= 500 * 64 * 32 * 32 * 3
+
+
+def test_negative_direction_follows_the_paper():
+    """Section 4.1: atypical negatives are sampled OUTWARD when Fashion-MNIST is normal, inward for CIFAR-10."""
+    assert load_settings(TrainConfig, CONFIGS / "fmnist_vs_mnist.yaml").loss.negatives.direction == "outward"
+    for name in ("cifar10_oneclass", "cifar10_vs_svhn"):
+        assert load_settings(TrainConfig, CONFIGS / f"{name}.yaml").loss.negatives.direction == "inward"
