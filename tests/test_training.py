@@ -58,7 +58,7 @@ def test_same_seed_same_model_different_seed_different_model():
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize("average", [[], ["train.ema_decay=0.9"]], ids=["last-weights", "weight-average"])
+@pytest.mark.parametrize("average", [["train.ema_decay=null"], ["train.ema_decay=0.9"]], ids=["last-weights", "weight-average"])
 def test_resume_continues_exactly_where_it_stopped(tmp_path, average):
     # 2 epochs of 3 steps, with the negatives switching on in the second epoch and an lr milestone.
     common = ["train.steps_per_epoch=3", "loss.negatives.start_epoch=1", "optim.milestones=[1]", *average]
