@@ -119,13 +119,17 @@ class Agent:
     def run(self) -> int:
         quiet_kafka_logs()
         with ExitStack() as stack:
-            if not self._open(stack):
-                return 0  # stopped while waiting for the broker
-            self.readiness.mark_ready()
-            self._loop()
-            self._drain()
-            self.committer.commit_final()
-            self.readiness.stopped()
+            try:
+                if not self._open(stack):
+                    return 0  # stopped while waiting for the broker
+                self.readiness.mark_ready()
+                self._loop()
+                self._drain()
+                self.committer.commit_final()
+                self.readiness.stopped()
+            except BaseException:
+                self.stop()  # a crash: the publish thread stops retrying, so closing cannot hang
+                raise
         log.info("agent stopped: %d frames scored, %d alerts, %d dead-lettered",
                  self.stats.scored, self.stats.alerts, self.stats.dead_lettered)
         return 0

@@ -115,6 +115,7 @@ class FakeConsumer:
         self.polls = 0
         self.committed: dict[TopicPartition, int] = {}
         self.commits: list[dict[TopicPartition, int]] = []
+        self.revoked_commits: list[dict[TopicPartition, int]] = []  # commits naming a partition not assigned
         self.closed = False
 
     def subscribe(self, topics, listener=None):
@@ -139,9 +140,10 @@ class FakeConsumer:
             self.assign(self.records)
         self.before_poll(self.polls, self)
         out, budget = {}, max_records or 1 << 30
+        share = -(-budget // max(1, len(self.assigned)))  # spread over the partitions, as fetches are
         for tp in sorted(self.assigned):
             pos = self.position_of[tp]
-            got = self.records[tp][pos : pos + budget]
+            got = self.records[tp][pos : pos + min(share, budget)]
             if got:
                 out[tp] = got
                 self.position_of[tp] = pos + len(got)
@@ -150,6 +152,8 @@ class FakeConsumer:
 
     def _commit(self, offsets) -> None:
         plain = {tp: meta.offset for tp, meta in offsets.items()}
+        if any(tp not in self.assigned for tp in plain):
+            self.revoked_commits.append(plain)
         for tp, offset in plain.items():
             for o in range(self.committed.get(tp, 0), offset):
                 assert self.acked(tp, o), f"committed {tp} past frame {o} whose records are not acknowledged"
