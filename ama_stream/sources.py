@@ -27,438 +27,46 @@ PIL's decompression-bomb limit stays on: an image over `Image.MAX_IMAGE_PIXELS` 
 
 Bulk loads of folder/elpv sources keep the fitted arrays in an on-disk cache (ama_stream.imagecache;
 AMA_CACHE_DIR=off disables it), so CIFAR-10 is decoded once, not on every run.
+
+The jobs live in three modules; this one is the public face (import from here):
+  source_spec.py      SourceSpec, parse_source, resolve_data_root, resolve_root (the spec's form)
+  source_catalogs.py  one catalogue per format: items listed without decoding, and a reader
+  sources.py          selection (classes, seeded split), the image cache, load_images / iter_images
 """
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import logging
 import os
-import struct
 import time
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
-from numpy.lib.npyio import NpzFile
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
-from . import imagecache, preprocess
+from . import imagecache, images, preprocess, source_catalogs
 from .images import DataError, decode_image, pil_to_uint8  # noqa: F401 -- part of this module's API
-from .progress import progress
 from .preprocess import PreprocessSpec, fit_image
+from .progress import progress
+from .source_catalogs import IMAGE_EXTENSIONS, Catalog, catalog  # noqa: F401 -- part of this module's API
+from .source_spec import (  # noqa: F401 -- part of this module's API
+    DATA_ROOT_ENV,
+    DEFAULT_TEST_FRACTION,
+    FORMATS,
+    SourceSpec,
+    is_kafka_source,
+    parse_source,
+    resolve_data_root,
+    resolve_root,
+)
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("idx", "folder", "elpv", "npz")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
-DEFAULT_TEST_FRACTION = 0.2
-DATA_ROOT_ENV = "AMA_DATA_ROOT"
-IDX_IMAGES_MAGIC = 2051
-IDX_LABELS_MAGIC = 2049
-IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 CACHE_MIN_IMAGES = 256  # smaller selections decode about as fast as the cache bookkeeping
 ELPV_TOLERANCE = 0.01  # 0.333 in a config matches 0.3333333333333333 in labels.csv
-
-
-# --------------------------------------------------------------------------- the source spec
-
-
-def _normalize_class(fmt: str | None, item: str | int | float) -> str | int | float:
-    """One class selector in the form the format compares against (raises ValueError)."""
-    if fmt in ("idx", "npz"):
-        if isinstance(item, float) and item.is_integer():
-            item = int(item)
-        if isinstance(item, str) and item.strip().isdigit():
-            item = int(item.strip())
-        if not isinstance(item, int) or item < 0:
-            raise ValueError(f"{fmt} classes are non-negative integer labels, got {item!r}")
-        return item
-    if fmt == "elpv":
-        try:
-            value = float(item)
-        except ValueError:
-            raise ValueError(f"elpv classes are defect probabilities such as 0, 0.333, 0.667, 1.0; got {item!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"elpv classes are defect probabilities in [0, 1], got {item!r}")
-        return value
-    name = str(item)
-    if fmt == "folder" and not name.strip():
-        raise ValueError("folder class names must not be empty")
-    return name
-
-
-class SourceSpec(BaseModel):
-    """Where images come from; `data.normal` / `data.anomaly` in configs, `FORMAT:ROOT` on the command line."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: Literal["idx", "folder", "elpv", "npz"]  # idx (MNIST family), folder (one subfolder per class, or one folder = one class), elpv, npz
-    root: str  # a relative root resolves against the data root
-    classes: tuple[str | int | float, ...] | None = None  # None: every class
-    split: Literal["train", "test", "all"] | None = None  # None: all, unless a protocol chooses
-    cell_type: Literal["mono", "poly"] | None = None  # elpv only
-    skip_corrupt: bool = False  # folder/elpv: log and skip undecodable images instead of failing
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_text(cls, data):
-        # `normal: "idx:fashion-mnist"` in YAML or `--set data.anomaly=folder:/x` means FORMAT:ROOT
-        if isinstance(data, str):
-            fmt, root = _split_source_text(data)
-            return {"format": fmt, "root": root}
-        return data
-
-    @field_validator("classes", mode="before")
-    @classmethod
-    def _normalize_classes(cls, value, info: ValidationInfo):
-        if value is None:
-            return None
-        if isinstance(value, (str, int, float)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError("must be a list of class names or labels")
-        if not value:
-            raise ValueError("must not be empty (leave it out to take every class)")
-        out: list[str | int | float] = []
-        for item in value:
-            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-                raise ValueError(f"class {item!r} must be a name or a number")
-            norm = _normalize_class(info.data.get("format"), item)
-            if norm not in out:
-                out.append(norm)
-        return tuple(out)
-
-    @model_validator(mode="after")
-    def _check_format_options(self):
-        if self.cell_type is not None and self.format != "elpv":
-            raise ValueError(f"cell_type applies to elpv sources only, not {self.format}")
-        if self.skip_corrupt and self.format not in ("folder", "elpv"):
-            raise ValueError(f"skip_corrupt applies to folder and elpv sources only, not {self.format}")
-        return self
-
-    def with_split(self, split: Literal["train", "test", "all"] | None) -> "SourceSpec":
-        return SourceSpec(**{**self.model_dump(), "split": split})
-
-    def with_classes(self, classes: Sequence[str | int | float] | None) -> "SourceSpec":
-        return SourceSpec(**{**self.model_dump(), "classes": classes})
-
-    def __str__(self) -> str:
-        text = f"{self.format}:{self.root}"
-        if self.classes is not None:
-            text += " classes=" + ",".join(str(c) for c in self.classes)
-        if self.split is not None:
-            text += f" split={self.split}"
-        if self.cell_type is not None:
-            text += f" cell_type={self.cell_type}"
-        return text
-
-
-def is_kafka_source(text: str) -> bool:
-    """True for `kafka:TOPIC`, which only commands reading Kafka handle (before calling parse_source)."""
-    return text.strip().lower().startswith("kafka:")
-
-
-def _split_source_text(text: str) -> tuple[str, str]:
-    if is_kafka_source(text):
-        raise DataError(f"source {text!r}: this command cannot read kafka sources; "
-                        f"give one of {', '.join(f + ':ROOT' for f in FORMATS)}")
-    fmt, sep, root = text.strip().partition(":")
-    fmt = fmt.strip().lower()
-    if not sep or fmt not in FORMATS:
-        raise DataError(f"source {text!r} must be FORMAT:ROOT with FORMAT one of {', '.join(FORMATS)} "
-                        "(e.g. folder:/data/line3/good, idx:fashion-mnist)")
-    if not root.strip():
-        raise DataError(f"source {text!r} has an empty ROOT")
-    return fmt, root.strip()
-
-
-def parse_source(text: str, classes: str | Sequence[str | int | float] | None = None,
-                 skip_corrupt: bool = False) -> SourceSpec:
-    """`FORMAT:ROOT` (+ a class selection, a list or "a,b"; "" or None: every class) -> SourceSpec;
-    DataError when malformed."""
-    fmt, root = _split_source_text(text)
-    if isinstance(classes, str):
-        classes = [c.strip() for c in classes.split(",") if c.strip()] or None
-    try:
-        return SourceSpec(format=fmt, root=root, classes=classes, skip_corrupt=skip_corrupt)
-    except ValidationError as exc:
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'source'}: {e['msg']}" for e in exc.errors())
-        raise DataError(f"source {text!r}: {reasons}") from None
-
-
-# --------------------------------------------------------------------------- roots
-
-
-def resolve_data_root(explicit: str | os.PathLike | None = None) -> Path:
-    """The folder relative source roots resolve against.
-
-    `explicit` (--data-root) if given, else $AMA_DATA_ROOT, else ../shared/datasets next to the
-    repository (the folder above the ama_stream package) when it exists, else the current directory.
-    """
-    for value, what in ((explicit, "data root"), (os.environ.get(DATA_ROOT_ENV) or None, DATA_ROOT_ENV)):
-        if value is not None:
-            path = Path(value).expanduser()
-            if not path.is_dir():
-                raise DataError(f"{what} {str(value)!r} is not a directory")
-            return path
-    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
-    return shared if shared.is_dir() else Path.cwd()
-
-
-def resolve_root(spec: SourceSpec, data_root: str | os.PathLike | None = None) -> Path:
-    """The source's root as an absolute path; DataError when it does not exist."""
-    root = Path(spec.root).expanduser()
-    hint = ""
-    if not root.is_absolute():
-        base = resolve_data_root(data_root)
-        root = base / root
-        hint = f" (relative roots resolve against the data root {base}; set --data-root or {DATA_ROOT_ENV})"
-    if not root.exists():
-        raise DataError(f"{spec.format} source root not found: {root}{hint}")
-    return root.absolute()
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-# --------------------------------------------------------------------------- catalogs
-
-
-@dataclass(frozen=True)
-class _Catalog:
-    """Every item of a source, listed without decoding."""
-
-    root: Path
-    ids: tuple[str, ...]  # file paths, or FILE#INDEX
-    keys: tuple[str, ...]  # root-relative names, hashed for the seeded split
-    labels: np.ndarray  # int64, -1 when unlabeled
-    class_names: tuple[str, ...]
-    class_values: tuple[str | int | float, ...]  # what a normalized SourceSpec.classes entry compares to
-    is_test: np.ndarray | None  # the built-in split; None when the source has none
-    read: Callable[[int], np.ndarray]  # item index -> native uint8 image
-    decoded: bool  # True when read() decodes a file (so it may fail on a corrupt one)
-
-
-def _read_bytes_maybe_gzip(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: cannot read or decompress ({exc})") from None
-
-
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    raw = _read_bytes_maybe_gzip(path)
-    kind = "image" if magic == IDX_IMAGES_MAGIC else "label"
-    if len(raw) < 4:
-        raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
-    found = int.from_bytes(raw[:4], "big")
-    if found != magic:
-        raise DataError(f"{path}: wrong magic number {found} (an IDX {kind} file starts with {magic})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(raw)} of {header} bytes)")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    if any(d == 0 for d in dims[1:]):
-        raise DataError(f"{path}: IDX dimensions {dims} contain a zero")
-    expected = int(np.prod(dims, dtype=np.int64))
-    have = len(raw) - header
-    if have < expected:
-        raise DataError(f"{path}: truncated: the header promises {dims[0]} {kind}s ({expected} bytes of data) "
-                        f"but only {have} bytes follow")
-    if have > expected:
-        raise DataError(f"{path}: {have - expected} unexpected bytes after the {dims[0]} {kind}s (corrupt IDX file)")
-    return np.frombuffer(raw, dtype=np.uint8, count=expected, offset=header).reshape(dims)
-
-
-def _idx_file(root: Path, name: str) -> Path:
-    for candidate in (root / name, root / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    raise DataError(f"idx source {root}: missing {name} (or {name}.gz)")
-
-
-def _int_class_names(labels: np.ndarray) -> tuple[str, ...]:
-    return tuple(str(k) for k in range(int(labels.max()) + 1 if labels.size else 0))
-
-
-def _idx_catalog(root: Path, spec: SourceSpec) -> _Catalog:
-    if not root.is_dir():
-        raise DataError(f"idx source root must be a directory holding the IDX files: {root}")
-    parts = ["train", "test"] if spec.split in (None, "all") else [spec.split]
-    pixels, labels, ids, keys, is_test = [], [], [], [], []
-    for part in parts:
-        images_path, labels_path = (_idx_file(root, name) for name in IDX_FILES[part])
-        images = _read_idx(images_path, IDX_IMAGES_MAGIC)
-        part_labels = _read_idx(labels_path, IDX_LABELS_MAGIC)
-        if images.ndim != 3:
-            raise DataError(f"{images_path}: expected 3 dimensions (count, rows, cols), found {images.ndim}")
-        if part_labels.ndim != 1 or len(part_labels) != len(images):
-            raise DataError(f"{labels_path}: {len(part_labels)} labels but {images_path.name} holds {len(images)} images")
-        pixels.append(images)
-        labels.append(part_labels.astype(np.int64))
-        ids.extend(f"{images_path}#{i}" for i in range(len(images)))
-        keys.extend(f"{images_path.name}#{i}" for i in range(len(images)))
-        is_test.append(np.full(len(images), part == "test"))
-    all_pixels = pixels[0] if len(pixels) == 1 else np.concatenate(pixels)
-    all_labels = np.concatenate(labels)
-    names = _int_class_names(all_labels)
-    return _Catalog(root, tuple(ids), tuple(keys), all_labels, names, tuple(range(len(names))),
-                    np.concatenate(is_test), lambda i: all_pixels[i], decoded=False)
-
-
-def _npz_catalog(root: Path) -> _Catalog:
-    if not root.is_file():
-        raise DataError(f"npz source root must be a .npz file: {root}")
-    try:
-        archive = np.load(root, allow_pickle=False)
-        if not isinstance(archive, NpzFile):  # a plain .npy array
-            raise DataError(f"{root}: not an .npz archive")
-        with archive:
-            if "images" not in archive.files:
-                raise DataError(f"{root}: no 'images' array (arrays found: {', '.join(archive.files) or 'none'})")
-            images = archive["images"]
-            labels = archive["labels"] if "labels" in archive.files else None
-    except DataError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        # numpy refuses object/pickled arrays here with a ValueError naming allow_pickle
-        raise DataError(f"{root}: cannot read npz ({exc})") from None
-    if images.dtype != np.uint8:
-        raise DataError(f"{root}: 'images' must be uint8 (0..255), found {images.dtype}")
-    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[3] in (1, 3, 4))) or 0 in images.shape[1:]:
-        raise DataError(f"{root}: 'images' must have shape N,H,W or N,H,W,C with C in 1, 3, 4; found {images.shape}")
-    if len(images) == 0:
-        raise DataError(f"{root}: 'images' holds no images")
-    if labels is None:
-        labels = np.full(len(images), -1, dtype=np.int64)
-        names: tuple[str, ...] = ()
-    else:
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(images):
-            raise DataError(f"{root}: 'labels' must be integers of shape ({len(images)},), found {labels.dtype} {labels.shape}")
-        if labels.min() < 0:
-            raise DataError(f"{root}: 'labels' must be non-negative, found {labels.min()}")
-        labels = labels.astype(np.int64)
-        names = _int_class_names(labels)
-    ids = tuple(f"{root}#{i}" for i in range(len(images)))
-    keys = tuple(str(i) for i in range(len(images)))
-    return _Catalog(root, ids, keys, labels, names, tuple(range(len(names))), None,
-                    lambda i: images[i], decoded=False)
-
-
-def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _image_files(directory: str) -> list[str]:
-    """PNG/JPEG/BMP files under `directory` (recursively, hidden entries skipped), sorted.
-
-    Plain strings, not Paths: listing CIFAR-10's 60000 files with pathlib costs seconds.
-    """
-    found = []
-    for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(os.path.join(dirpath, f) for f in filenames if _is_image_name(f))
-    return sorted(found)
-
-
-def _class_folders(base: str, single_class_name: str) -> list[tuple[str, list[str]]]:
-    """[(class name, files)] of one folder laid out as class subfolders or as one class."""
-    with os.scandir(base) as scan:
-        entries = sorted(scan, key=lambda e: e.name)
-    subdirs = [e.path for e in entries if e.is_dir() and not e.name.startswith(".")]
-    loose = [e.path for e in entries if e.is_file() and _is_image_name(e.name)]
-    if not subdirs:
-        if not loose:
-            raise DataError(f"{base}: no PNG/JPEG/BMP images and no class folders")
-        return [(single_class_name, loose)]
-    if loose:
-        raise DataError(f"{base} holds class folders and also loose images (e.g. {os.path.basename(loose[0])}); "
-                        "move the images into a class folder")
-    out = []
-    for sub in subdirs:
-        files = _image_files(sub)
-        if not files:
-            raise DataError(f"empty class folder: {sub} holds no PNG/JPEG/BMP images")
-        out.append((os.path.basename(sub), files))
-    return out
-
-
-def _folder_catalog(root: Path) -> _Catalog:
-    if not root.is_dir():
-        raise DataError(f"folder source root is not a directory: {root}")
-    has_split = (root / "train").is_dir() and (root / "test").is_dir()
-    halves = [(False, root / "train"), (True, root / "test")] if has_split else [(False, root)]
-    listed = [(is_test, name, files) for is_test, base in halves for name, files in _class_folders(str(base), root.name)]
-    names = tuple(sorted({name for _, name, _ in listed}))
-    index = {name: k for k, name in enumerate(names)}
-    files: list[str] = []
-    labels: list[int] = []
-    is_test: list[bool] = []
-    for test_half, name, class_files in listed:
-        files.extend(class_files)
-        labels.extend([index[name]] * len(class_files))
-        is_test.extend([test_half] * len(class_files))
-    prefix = len(str(root)) + 1
-    keys = tuple(f[prefix:].replace(os.sep, "/") for f in files)
-    return _Catalog(root, tuple(files), keys, np.asarray(labels, dtype=np.int64), names, names,
-                    np.asarray(is_test) if has_split else None, lambda i: decode_image(files[i]), decoded=True)
-
-
-def _elpv_catalog(root: Path, spec: SourceSpec) -> _Catalog:
-    csv = root / "labels.csv"
-    if not csv.is_file():
-        raise DataError(f"elpv source {root}: missing labels.csv")
-    try:
-        lines = csv.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{csv}: cannot read ({exc})") from None
-    rows: list[tuple[str, float]] = []
-    for lineno, line in enumerate(lines, 1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 3:
-            raise DataError(f"{csv}:{lineno}: expected 'PATH PROBABILITY TYPE', found {line.strip()!r}")
-        path, prob_text, cell_type = fields
-        try:
-            prob = float(prob_text)
-        except ValueError:
-            prob = float("nan")
-        if not 0.0 <= prob <= 1.0:
-            raise DataError(f"{csv}:{lineno}: defect probability {prob_text!r} is not a number in [0, 1]")
-        if cell_type.lower() not in ("mono", "poly"):
-            raise DataError(f"{csv}:{lineno}: cell type {cell_type!r} is neither mono nor poly")
-        if spec.cell_type is None or cell_type.lower() == spec.cell_type:
-            rows.append((path, round(prob, 3)))
-    if not rows:
-        raise DataError(f"{csv} lists no images" + (f" of cell type {spec.cell_type}" if spec.cell_type else ""))
-    values = tuple(sorted({p for _, p in rows}))
-    index = {v: k for k, v in enumerate(values)}
-    files = [root / path for path, _ in rows]
-    labels = np.asarray([index[p] for _, p in rows], dtype=np.int64)
-    return _Catalog(root, tuple(str(f) for f in files), tuple(path for path, _ in rows), labels,
-                    tuple(repr(v) for v in values), values, None, lambda i: decode_image(files[i]), decoded=True)
-
-
-def _catalog(spec: SourceSpec, root: Path) -> _Catalog:
-    if spec.format == "idx":
-        return _idx_catalog(root, spec)
-    if spec.format == "npz":
-        return _npz_catalog(root)
-    if spec.format == "elpv":
-        return _elpv_catalog(root, spec)
-    return _folder_catalog(root)
 
 
 # --------------------------------------------------------------------------- selection
@@ -474,7 +82,7 @@ def _hash_is_test(keys: Sequence[str], seed: int, test_fraction: float) -> np.nd
     )
 
 
-def _class_labels(cat: _Catalog, spec: SourceSpec) -> list[int]:
+def _class_labels(cat: Catalog, spec: SourceSpec) -> list[int]:
     assert spec.classes is not None
     if not cat.class_names:
         raise DataError(f"{cat.root}: has no labels, so classes {list(spec.classes)} cannot be selected")
@@ -490,7 +98,7 @@ def _class_labels(cat: _Catalog, spec: SourceSpec) -> list[int]:
     return chosen
 
 
-def _select(cat: _Catalog, spec: SourceSpec, seed: int, test_fraction: float) -> np.ndarray:
+def _select(cat: Catalog, spec: SourceSpec, seed: int, test_fraction: float) -> np.ndarray:
     mask = np.ones(len(cat.ids), dtype=bool)
     if spec.classes is not None:
         mask &= np.isin(cat.labels, _class_labels(cat, spec))
@@ -523,7 +131,7 @@ def native_shapes(spec: SourceSpec, data_root: str | os.PathLike | None = None, 
                   limit: int = SHAPE_SAMPLE) -> np.ndarray:
     """(height, width, channels) int32 [n, 3] of up to `limit` selected items (a seeded sample),
     from file headers only for decoded formats; unreadable headers are left out."""
-    cat = _catalog(spec, resolve_root(spec, data_root))
+    cat = catalog(spec, resolve_root(spec, data_root))
     chosen = _select(cat, spec.with_split(None), seed, DEFAULT_TEST_FRACTION)
     if len(chosen) > limit:
         chosen = np.sort(np.random.default_rng(seed).choice(chosen, limit, replace=False))
@@ -544,7 +152,7 @@ def native_shapes(spec: SourceSpec, data_root: str | os.PathLike | None = None, 
 
 def source_classes(spec: SourceSpec, data_root: str | os.PathLike | None = None) -> tuple[str, ...]:
     """Every class name of the source (ignoring the spec's class selection); () when unlabeled."""
-    return _catalog(spec, resolve_root(spec, data_root)).class_names
+    return catalog(spec, resolve_root(spec, data_root)).class_names
 
 
 # --------------------------------------------------------------------------- reading
@@ -572,7 +180,7 @@ class LabeledImages:
 def _decoder_digest() -> str:
     """Identifies the decoding and fitting code, so that editing it invalidates cached images."""
     digest = hashlib.sha256()
-    for module_file in (__file__, preprocess.__file__):
+    for module_file in (__file__, source_catalogs.__file__, images.__file__, preprocess.__file__):
         digest.update(Path(module_file).read_bytes())
     return digest.hexdigest()
 
@@ -580,7 +188,7 @@ def _decoder_digest() -> str:
 SKIP_NAMED = 5  # undecodable files named one by one before only the count goes on
 
 
-def _decode_fitted(cat: _Catalog, chosen: np.ndarray, image_spec: PreprocessSpec,
+def _decode_fitted(cat: Catalog, chosen: np.ndarray, image_spec: PreprocessSpec,
                    skip_corrupt: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fitted images of the decodable items, mask of those items over `chosen`, their native shapes)."""
     s, c = image_spec.image_size, image_spec.channels
@@ -624,7 +232,7 @@ def load_images(
     `seed` and `test_fraction` define the split of sources without a built-in one. Decoded
     sources (folder, elpv) of CACHE_MIN_IMAGES or more go through the on-disk imagecache.
     """
-    cat = _catalog(spec, resolve_root(spec, data_root))
+    cat = catalog(spec, resolve_root(spec, data_root))
     chosen = _select(cat, spec, seed, test_fraction)
     key = None
     if cat.decoded and len(chosen) >= CACHE_MIN_IMAGES and imagecache.cache_dir() is not None:
@@ -667,7 +275,7 @@ def iter_images(
     The source is listed (and a bad root or selection reported) when this is called; images are
     decoded one by one while iterating. idx and npz arrays are held in memory (they are read whole).
     """
-    cat = _catalog(spec, resolve_root(spec, data_root))
+    cat = catalog(spec, resolve_root(spec, data_root))
     chosen = _select(cat, spec, seed, test_fraction)
 
     def generate() -> Iterator[tuple[str, np.ndarray, int | None]]:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the agent and the one small HTTP server for /metrics, /healthz, /readyz."""
+"""Prometheus metrics of the agent, liveness/readiness, and the one small HTTP server for /metrics, /healthz, /readyz."""
 from __future__ import annotations
 
 import logging
@@ -7,6 +7,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .offsets import CommitProgress
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,54 @@ class Health:
         if idle > self.stall_s:
             return False, f"run loop stalled for {idle:.0f} s"
         return True, "ok"
+
+
+class Readiness:
+    """The one owner of /readyz and ama_ready: broker errors and commit stalls take readiness away,
+    a working broker gives it back -- but never while stopping, nor while commits are stalled
+    (a stall clears only when commits move). Any thread may call it (Health holds the lock)."""
+
+    def __init__(self, health: Health, metrics: AgentMetrics, stop: threading.Event, commit_stall_s: float):
+        self.health = health
+        self.metrics = metrics
+        self.stop = stop
+        self.progress = CommitProgress(commit_stall_s, time.monotonic())
+
+    @property
+    def ready(self) -> bool:
+        return self.health.readiness()[0]
+
+    def mark_ready(self) -> None:
+        if self.stop.is_set() or self.progress.stalled:
+            return
+        if not self.ready:
+            log.info("broker reachable; ready")
+        self.health.set_ready(True)
+        self.metrics.ready.set(1)
+
+    def broker_error(self, operation: str, reason: str) -> None:
+        self.metrics.broker_errors.labels(operation=operation).inc()
+        if self.ready:
+            log.warning("broker problem during %s (%s); not ready until it recovers", operation, reason)
+        self._unready(f"broker unreachable ({operation}: {reason})")
+
+    def check_progress(self, waiting: int, committed_total: int, now: float) -> None:
+        """After a successful probe: not ready while work waits and no commit moves, else ready."""
+        stalled = self.progress.check(waiting, committed_total, now)
+        if stalled is None:
+            self.mark_ready()
+            return
+        if self.ready:
+            log.error("not ready: %s (the broker answers; see the dead-letter topic and the publish log)", stalled)
+            self.metrics.commit_stalls.inc()
+        self._unready(stalled)
+
+    def stopped(self) -> None:
+        self._unready("stopped")
+
+    def _unready(self, reason: str) -> None:
+        self.health.set_ready(False, reason)
+        self.metrics.ready.set(0)
 
 
 class HealthServer:

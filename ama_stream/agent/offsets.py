@@ -1,8 +1,8 @@
 """Which offsets may be committed: only those of frames whose records the broker acknowledged.
 
-Shared by the run loop (marks batches done, commits) and the rebalance listener (commits what is
-done for revoked partitions, on kafka-python's IO thread), hence the lock; it is held only for
-dictionary updates, never across broker calls.
+The OffsetCommitter's bookkeeping (commit.py). Read and written by the run loop (batches done,
+commits) and the rebalance listener (what is done for revoked partitions, on kafka-python's IO
+thread), hence the lock; it is held only for dictionary updates, never across broker calls.
 """
 from __future__ import annotations
 

@@ -18,47 +18,23 @@ e.g. after a broker lost its producer-id state; the producer is then replaced by
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 
 from .kafka_io import Backoff, describe
+from .records import OutMessage
 from .settings import RetrySection
 
 log = logging.getLogger(__name__)
 
+__all__ = ["MAX_REFUSALS", "OutMessage", "Publisher"]
 
 MAX_REFUSALS = 3  # non-retriable failures of one record before its fallback takes its place
-
-
-@dataclass(frozen=True)
-class OutMessage:
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-    dead_letter: bool = False
-    fallback: "OutMessage | None" = None  # sent instead when this one is refused (see the module docstring)
-    refusals: int = 0
-
-    def without_value(self, why: str) -> "OutMessage":
-        """A dead letter whose original value the producer refuses (too large): keep headers, say so."""
-        return replace(self, value=b"" if self.key is None else None, fallback=None, refusals=0,
-                       headers=[*self.headers, ("error-value-dropped", why.encode("utf-8", "replace")[:1024])])
-
-    def next_after_refusal(self, why: str) -> "OutMessage | None":
-        """What to send after this message was refused for good: its fallback, else (a dead letter
-        with a value) itself without the value, else nothing."""
-        if self.fallback is not None:
-            return self.fallback
-        if self.dead_letter and self.value:
-            return self.without_value(why)
-        return None
 
 
 class Publisher:
@@ -201,55 +177,6 @@ class Publisher:
         self.producer = new
         return True
 
-
-class PublishWorker:
-    """A thread that publishes scored batches in order while the run loop scores the next ones.
-
-    `handle(item)` does the work for one batch (build records, send, wait for the acks, mark the
-    offsets done) and returns False when a stop cut it short; after that, later items are dropped
-    unpublished (they stay uncommitted). An exception in `handle` is re-raised by `check()`.
-    Waiting for acknowledgements on this thread instead of the run loop's was worth 10-40% of
-    end-to-end throughput even on 2 CPU cores (benchmarks/agent_bench.py).
-    """
-
-    def __init__(self, handle: Callable[[object], bool], depth: int = 2):
-        self._handle = handle
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.gave_up = False
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="ama-publish", daemon=True)
-        self._thread.start()
-
-    def submit(self, item: object) -> None:
-        """Queues a batch; blocks while `depth` batches are already waiting (back-pressure)."""
-        self.check()
-        self._queue.put(item)
-
-    def idle(self) -> bool:
-        """Nothing queued and nothing being handled."""
-        return self._queue.unfinished_tasks == 0
-
-    def wait_idle(self) -> None:
-        self._queue.join()
-        self.check()
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"publishing failed unexpectedly: {describe(self.error)}") from self.error
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                if not self.gave_up and self.error is None:
-                    self.gave_up = not self._handle(item)
-            except BaseException as exc:  # noqa: BLE001 - handed to the run loop by check()
-                self.error = exc
-            finally:
-                self._queue.task_done()
+    def publish(self, messages: list[OutMessage], heartbeat=lambda: None) -> bool:
+        """send() then wait(): True once every message is acknowledged (or refused and replaced)."""
+        return self.wait(self.send(messages), heartbeat=heartbeat)

@@ -1,14 +1,22 @@
 """What the agent reads from a frame's envelope and what it writes: score records and dead letters.
 
-The formats are documented for users in docs/wire-format.md; change them only together with
-SCORE_SCHEMA.
+`RecordBuilder` turns a scored batch into the messages that finish its frames (score record,
+alert, dead letter, each with the fallback sent if the broker refuses it). The formats are
+documented for users in docs/wire-format.md; change them only together with SCORE_SCHEMA.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from .score import ScoredBatch
+    from .settings import TopicsSection
+
+log = logging.getLogger(__name__)
 
 SCORE_SCHEMA = "ama-stream/score/v1"
 
@@ -180,3 +188,66 @@ def dead_letter_headers(meta: FrameMeta, error: str) -> list[tuple[str, bytes | 
         ("source-partition", str(meta.partition).encode()),
         ("source-offset", str(meta.offset).encode()),
     ]
+
+
+@dataclass(frozen=True)
+class OutMessage:
+    """One record to publish. A refused one is replaced by `fallback` (see publish.py)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    dead_letter: bool = False
+    fallback: "OutMessage | None" = None  # sent instead when this one is refused
+    refusals: int = 0
+
+    def without_value(self, why: str) -> "OutMessage":
+        """A dead letter whose original value the producer refuses (too large): keep headers, say so."""
+        return replace(self, value=b"" if self.key is None else None, fallback=None, refusals=0,
+                       headers=[*self.headers, ("error-value-dropped", why.encode("utf-8", "replace")[:1024])])
+
+    def next_after_refusal(self, why: str) -> "OutMessage | None":
+        """What to send after this message was refused for good: its fallback, else (a dead letter
+        with a value) itself without the value, else nothing."""
+        if self.fallback is not None:
+            return self.fallback
+        if self.dead_letter and self.value:
+            return self.without_value(why)
+        return None
+
+
+class RecordBuilder:
+    """A scored batch -> its messages: per scored frame a score record (if the scores topic is on)
+    and, for an anomaly, the same record on the alerts topic; per rejected frame a dead letter."""
+
+    def __init__(self, topics: "TopicsSection", model_id: str):
+        self.scores = topics.scores
+        self.alerts = topics.alerts
+        self.dead_letter = topics.dead_letter
+        self.model_id = model_id
+
+    def build(self, result: "ScoredBatch", calibration_id: str, scored_at: int) -> list[OutMessage]:
+        out: list[OutMessage] = []
+        for f in result.scored:
+            record = score_record(
+                f.meta, r_score=f.r, z=f.z, log_a=f.log_a, p_value=f.p_value, anomaly=f.anomaly,
+                threshold=f.threshold, model_id=self.model_id, calibration_id=calibration_id, scored_at=scored_at,
+            )
+            value, headers = encode_record(record), record_headers(f.meta)
+            # if the broker refuses the record, the frame is dead-lettered (headers only) instead;
+            # one fallback per frame (on its first record): a refused score AND alert is still one dead letter
+            fallback = OutMessage(self.dead_letter, f.meta.key, b"" if f.meta.key is None else None,
+                                  dead_letter_headers(f.meta, "record-refused: the score record could not be published"),
+                                  dead_letter=True)
+            if self.scores:
+                out.append(OutMessage(self.scores, f.meta.out_key, value, headers, fallback=fallback))
+            if f.anomaly:
+                out.append(OutMessage(self.alerts, f.meta.out_key, value, headers,
+                                      fallback=None if self.scores else fallback))
+        for rej in result.rejected:
+            log.debug("dead-lettering frame %s: %s", rej.meta.frame_id, rej.error)
+            value = rej.value if rej.value is not None or rej.meta.key is not None else b""
+            headers = [(k, v if v is not None else b"") for k, v in dead_letter_headers(rej.meta, rej.error)]
+            out.append(OutMessage(self.dead_letter, rej.meta.key, value, headers, dead_letter=True))
+        return out

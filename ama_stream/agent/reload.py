@@ -142,3 +142,67 @@ class ControlTopic:
             self.consumer.close(autocommit=False)
         except Exception as exc:  # noqa: BLE001 - best effort on the way out
             log.warning("closing the calibration topic consumer failed: %s", exc)
+
+
+class CalibrationSwitch:
+    """The calibration in force, and the one place that swaps it.
+
+    The run loop calls `check(now)` between batches; it reads the file and the control topic (set
+    later, once the broker is reachable) and swaps in each valid new calibration. `current` is read
+    once per batch, so a batch is decided by one calibration only."""
+
+    def __init__(self, calibration: Calibration, model_id: str, metrics, file: CalibrationFile | None = None):
+        self.current = calibration
+        self.model_id = model_id
+        self.metrics = metrics
+        self.file = file
+        self.control_topic: ControlTopic | None = None
+        self._show()
+
+    def use(self, calibration: Calibration) -> None:
+        """Swap the decision rule; takes effect from the next batch (any thread may call this)."""
+        if calibration.model_id and calibration.model_id != self.model_id:
+            raise ValueError(f"calibration is for model {calibration.model_id}, the agent scores with {self.model_id}")
+        self.current = calibration
+
+    def check(self, now: float) -> None:
+        updates: list[Update] = []
+        if self.file is not None:
+            update = self.file.check(now)
+            if update is not None:
+                updates.append(update)
+        if self.control_topic is not None:
+            updates.extend(self.control_topic.check(now))
+        for update in updates:
+            self.apply(update)
+
+    def apply(self, update: Update) -> None:
+        """Swaps in a valid new calibration; a refused one is logged and counted, the old one stays."""
+        counter = self.metrics.calibration_reloads
+        old = self.current
+        if update.calibration is None:
+            counter.labels(source=update.source, result="refused").inc()
+            log.error("new calibration from %s refused, keeping %s: %s", update.origin, old.calibration_id, update.error)
+            return
+        new = update.calibration
+        if new.calibration_id == old.calibration_id:
+            counter.labels(source=update.source, result="unchanged").inc()
+            log.info("calibration from %s is the one in force (%s)", update.origin, new.calibration_id)
+            return
+        try:
+            self.use(new)
+        except ValueError as exc:
+            counter.labels(source=update.source, result="refused").inc()
+            log.error("new calibration from %s refused, keeping %s: %s", update.origin, old.calibration_id, exc)
+            return
+        counter.labels(source=update.source, result="ok").inc()
+        self._show()
+        rule = new.rule()
+        log.info("calibration %s -> %s from %s: %s; global threshold %.4f (expected false-alarm rate %.3g), "
+                 "%d camera entries", old.calibration_id, new.calibration_id, update.origin, new.policy.describe(),
+                 rule.threshold, rule.expected_fpr, len(new.cameras))
+
+    def _show(self) -> None:
+        self.metrics.calibration.clear()
+        self.metrics.calibration.labels(calibration_id=self.current.calibration_id,
+                                        policy=self.current.policy.name).set(1)

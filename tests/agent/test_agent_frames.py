@@ -156,7 +156,7 @@ def test_the_frame_decoder_spends_the_batch_budget_in_poll_order():
 
     from kafka.consumer.fetcher import ConsumerRecord
 
-    from ama_stream.agent.pipeline import FrameDecoder, PolledBatch
+    from ama_stream.agent.decode import FrameDecoder, PolledBatch
     from ama_stream.preprocess import PreprocessSpec
 
     scorer = SimpleNamespace(spec=PreprocessSpec(image_size=32, channels=1), device=SimpleNamespace(type="cpu"))

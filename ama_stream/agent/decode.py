@@ -1,28 +1,25 @@
-"""The agent's work units: a polled batch of frames -> decoded model input -> scored results.
+"""The decode stage: a polled batch of Kafka records -> model input tensor + frames to dead-letter.
 
-`FrameDecoder` runs on a worker thread (decoding overlaps scoring); `score_batch` runs on the
-run loop's thread and reads the calibration it is given once per batch, so a calibration
-swapped in between batches applies to whole batches only.
+`FrameDecoder` is a pure function of a batch (no state besides its configuration); `DecodeStage`
+runs it on a worker thread so the next batches decode while the run loop scores this one, and
+hands the decoded batches back in poll order.
 """
 from __future__ import annotations
 
-import logging
-import math
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 from kafka.structs import TopicPartition
 
-from ama_stream.calibration import Calibration
-from ama_stream.preprocess import FitTally, fit_image, native_shape, to_tensor
-from ama_stream.scoring import Scorer
+from ama_stream.preprocess import FitTally, PreprocessSpec, fit_image, native_shape, to_tensor
 
 from .frames import FrameError, FrameLimits, decode_frame
 from .records import FrameMeta
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,7 +35,7 @@ class Rejected:
 @dataclass
 class PolledBatch:
     records: list  # kafka-python ConsumerRecords, in poll order
-    epoch: int  # OffsetBook revocation epoch before the first of them was polled
+    epoch: int  # the committer's revocation epoch before the first of them was polled
 
 
 @dataclass
@@ -54,25 +51,8 @@ class DecodedBatch:
     misfit: FitTally | None = None  # frames that did not fit the model as they were (size, channels)
 
 
-@dataclass
-class ScoredFrame:
-    meta: FrameMeta
-    r: float
-    z: float
-    log_a: float
-    p_value: float
-    anomaly: bool
-    threshold: float
-
-
-@dataclass
-class ScoredBatch:
-    scored: list[ScoredFrame] = field(default_factory=list)
-    rejected: list[Rejected] = field(default_factory=list)
-    score_s: float = 0.0
-
-
-def _positions(records) -> dict[TopicPartition, int]:
+def positions(records) -> dict[TopicPartition, int]:
+    """Per partition, the offset after the last of `records` (what a commit of them says)."""
     out: dict[TopicPartition, int] = {}
     for rec in records:
         tp = TopicPartition(rec.topic, rec.partition)
@@ -81,10 +61,12 @@ def _positions(records) -> dict[TopicPartition, int]:
 
 
 class FrameDecoder:
-    """Raw records -> DecodedBatch. Thread-safe: holds no state besides its configuration."""
+    """Raw records -> DecodedBatch. Thread-safe: holds no state besides its configuration.
 
-    def __init__(self, scorer: Scorer, limits: FrameLimits):
-        self.scorer = scorer
+    Takes the Scorer (or anything with `.spec: PreprocessSpec` and `.device`), never calls it."""
+
+    def __init__(self, scorer, limits: FrameLimits):
+        self.spec: PreprocessSpec = scorer.spec
         self.limits = limits
         self.pin = scorer.device.type == "cuda"  # page-locked input makes the host-to-device copy asynchronous
 
@@ -98,7 +80,7 @@ class FrameDecoder:
         values: list[bytes] = []
         fitted: list[np.ndarray] = []
         rejected: list[Rejected] = []
-        misfit = FitTally(self.scorer.spec)
+        misfit = FitTally(self.spec)
         pixels_left = self.limits.max_batch_pixels
         for rec in batch.records:
             meta = FrameMeta.from_record(rec)
@@ -111,7 +93,7 @@ class FrameDecoder:
                 rejected.append(Rejected(meta, rec.value, exc.reason, str(exc)))
                 continue
             try:
-                fitted.append(fit_image(native, self.scorer.spec))
+                fitted.append(fit_image(native, self.spec))
             except ValueError as exc:  # decode_frame admits only what fit_image accepts; a guard all the same
                 rejected.append(Rejected(meta, rec.value, "preprocess-failed", f"preprocess-failed: {exc}"))
                 continue
@@ -129,7 +111,7 @@ class FrameDecoder:
             values=values,
             inputs=inputs,
             rejected=rejected,
-            positions=_positions(batch.records),
+            positions=positions(batch.records),
             epoch=batch.epoch,
             size=len(batch.records),
             decode_s=time.perf_counter() - t0,
@@ -137,41 +119,27 @@ class FrameDecoder:
         )
 
 
-def _reject(batch: DecodedBatch, i: int, error: str) -> Rejected:
-    return Rejected(batch.frames[i], batch.values[i], "score-failed", f"score-failed: {error}")
+class DecodeStage:
+    """Decodes polled batches on one worker thread, `ahead` at most waiting, returned in poll order."""
 
+    def __init__(self, decoder: FrameDecoder, ahead: int):
+        self.decoder = decoder
+        self.ahead = ahead
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ama-decode")
+        self._pending: deque[Future[DecodedBatch]] = deque()
 
-def score_batch(scorer: Scorer, calibration: Calibration, batch: DecodedBatch) -> ScoredBatch:
-    """Scores the decoded frames; a frame that cannot be scored becomes a Rejected (with its value)."""
-    out = ScoredBatch(rejected=list(batch.rejected))
-    if batch.inputs is None:
-        return out
-    t0 = time.perf_counter()
-    n = len(batch.frames)
-    try:
-        r = scorer.score_tensor(batch.inputs).r
-        errors: dict[int, str] = {}
-    except Exception as exc:  # noqa: BLE001 - isolate the frame(s) that make scoring fail
-        log.warning("scoring a batch of %d failed (%s); scoring its frames one by one", n, exc)
-        r, errors = np.full(n, np.nan), {}
-        for i in range(n):
-            try:
-                r[i] = scorer.score_tensor(batch.inputs[i : i + 1]).r[0]
-            except Exception as one_exc:  # noqa: BLE001
-                errors[i] = f"{type(one_exc).__name__}: {one_exc}"
-    ok = []
-    for i in range(n):
-        if i in errors or not math.isfinite(r[i]):
-            out.rejected.append(_reject(batch, i, errors.get(i, f"non-finite R-score {r[i]}")))
-        else:
-            ok.append(i)
-    if ok:
-        metas = [batch.frames[i] for i in ok]
-        d = calibration.decide(r[ok], [m.camera_id for m in metas])
-        for j, meta in enumerate(metas):
-            out.scored.append(ScoredFrame(
-                meta=meta, r=float(r[ok[j]]), z=float(d.z[j]), log_a=float(d.log_a[j]), p_value=float(d.p_value[j]),
-                anomaly=bool(d.anomaly[j]), threshold=float(d.threshold[j]),
-            ))
-    out.score_s = time.perf_counter() - t0
-    return out
+    def __len__(self) -> int:
+        """Batches submitted and not yet taken back."""
+        return len(self._pending)
+
+    def submit(self, batch: PolledBatch) -> None:
+        self._pending.append(self._pool.submit(self.decoder, batch))
+
+    def decoded(self, wait: bool) -> Iterator[DecodedBatch]:
+        """The decoded batches in poll order: those finished, and more while `ahead` are waiting;
+        with `wait`, all of them (blocking until each is decoded)."""
+        while self._pending and (self._pending[0].done() or len(self._pending) >= self.ahead or wait):
+            yield self._pending.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,91 @@
+"""The scoring stage: a decoded batch -> R from the Scorer -> decisions from the Calibration.
+
+Runs on the run loop's thread. The Scorer gives R only; z, log A, the p-value, the anomaly flag
+and the threshold all come from `Calibration.decide`. The calibration is passed in once per
+batch, so a calibration swapped in between batches applies to whole batches only. A frame whose
+R cannot be computed (the model raises, or R is not finite) becomes a dead letter with its value.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ama_stream.calibration import Calibration
+
+from .decode import DecodedBatch, Rejected
+from .records import FrameMeta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoredFrame:
+    meta: FrameMeta
+    r: float
+    z: float
+    log_a: float
+    p_value: float
+    anomaly: bool
+    threshold: float
+
+
+@dataclass
+class ScoredBatch:
+    scored: list[ScoredFrame] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)  # the decoder's, then those scoring refused
+    score_s: float = 0.0
+
+
+def r_scores(scorer, inputs) -> np.ndarray:
+    """R of every input in one pass (the Scorer's own chunking set to the whole batch)."""
+    return np.asarray(scorer.r_scores(inputs, batch_size=max(1, len(inputs))), dtype=np.float64)
+
+
+def _r_one_by_one(scorer, inputs, n: int) -> tuple[np.ndarray, dict[int, str]]:
+    """After a batch failed: R frame by frame, so one bad frame does not take the batch with it."""
+    r, errors = np.full(n, np.nan), {}
+    for i in range(n):
+        try:
+            r[i] = r_scores(scorer, inputs[i : i + 1])[0]
+        except Exception as exc:  # noqa: BLE001
+            errors[i] = f"{type(exc).__name__}: {exc}"
+    return r, errors
+
+
+def score_batch(scorer, calibration: Calibration, batch: DecodedBatch) -> ScoredBatch:
+    """Scores the decoded frames; a frame that cannot be scored becomes a Rejected (with its value).
+
+    `scorer`: the Scorer, or anything with `r_scores(inputs, batch_size) -> R`."""
+    out = ScoredBatch(rejected=list(batch.rejected))
+    if batch.inputs is None:
+        return out
+    t0 = time.perf_counter()
+    n = len(batch.frames)
+    try:
+        r, errors = r_scores(scorer, batch.inputs), {}
+        if len(r) != n:
+            raise ValueError(f"the scorer returned {len(r)} R-scores for {n} frames")
+    except Exception as exc:  # noqa: BLE001 - isolate the frame(s) that make scoring fail
+        log.warning("scoring a batch of %d failed (%s); scoring its frames one by one", n, exc)
+        r, errors = _r_one_by_one(scorer, batch.inputs, n)
+    ok = []
+    for i in range(n):
+        if i in errors or not math.isfinite(r[i]):
+            error = errors.get(i, f"non-finite R-score {r[i]}")
+            out.rejected.append(Rejected(batch.frames[i], batch.values[i], "score-failed", f"score-failed: {error}"))
+        else:
+            ok.append(i)
+    if ok:
+        metas = [batch.frames[i] for i in ok]
+        d = calibration.decide(r[ok], [m.camera_id for m in metas])
+        for j, meta in enumerate(metas):
+            out.scored.append(ScoredFrame(
+                meta=meta, r=float(r[ok[j]]), z=float(d.z[j]), log_a=float(d.log_a[j]), p_value=float(d.p_value[j]),
+                anomaly=bool(d.anomaly[j]), threshold=float(d.threshold[j]),
+            ))
+    out.score_s = time.perf_counter() - t0
+    return out
