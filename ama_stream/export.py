@@ -20,9 +20,11 @@ OpenVINO IR is converted from that ONNX graph (package openvino), so both runtim
 """
 from __future__ import annotations
 
-import importlib
+import contextlib
+import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,29 +35,11 @@ from torch import nn
 from .checkpoint import Checkpoint, load_checkpoint
 from .model import AMA, bake_spectral_norm, stacked_pairs
 from .ops import pair_rscore_reference
+from .runtimes import EXPORT_FORMATS, INPUT_KINDS, RuntimeUnavailable, require  # noqa: F401
 
-EXPORT_FORMATS = ("onnx", "openvino")
-INPUT_KINDS = ("float", "uint8")
 GRAPH_FORMAT = "ama-stream/score-graph"
 GRAPH_VERSION = 1
 OPSET = 18
-# which pip extra brings which package
-EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "openvino": "openvino"}
-
-
-class RuntimeUnavailable(RuntimeError):
-    """An optional runtime or exporter package is not installed (the message names the pip extra)."""
-
-
-def require(module: str, what: str):
-    """Imports an optional package or raises RuntimeUnavailable naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        extra = EXTRAS.get(module.split(".")[0], module)
-        raise RuntimeUnavailable(
-            f"{what} needs the package {module.split('.')[0]}, which is not installed or does not load "
-            f"({type(exc).__name__}: {exc}); install it with: pip install 'ama-stream[{extra}]'") from None
 
 
 class ScoreGraph(nn.Module):
@@ -107,10 +91,7 @@ def _onnx_proto(checkpoint: Checkpoint, input_kind: str):
     require("onnxscript", "exporting to ONNX (torch.onnx's exporter)")
     graph = score_graph(checkpoint, input_kind)
     x = example_input(checkpoint, input_kind)
-    import warnings
-
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with tempfile.TemporaryDirectory() as tmp, _quiet_exporter():
         path = Path(tmp) / "graph.onnx"
         with torch.no_grad():
             program = torch.onnx.export(
@@ -130,16 +111,37 @@ def _onnx_proto(checkpoint: Checkpoint, input_kind: str):
 
 
 def _check_out(out: Path) -> None:
-    """Fails early, in one line, when `out` cannot be written (before minutes of export)."""
+    """Fails early, in one line, when `out` cannot be written (before the export's seconds of work):
+    the folder must exist and take a new file (tried for real: permission bits do not tell root's story)."""
     parent = out.parent if str(out.parent) else Path(".")
     if out.is_dir():
-        raise ValueError(f"--out {out}: is a directory; name the file to write")
+        raise ValueError(f"cannot write {out}: it is a directory; name the file to write")
     if not parent.is_dir():
-        raise ValueError(f"--out {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: folder {parent} is not writable")
+        raise ValueError(f"cannot write {out}: folder {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"cannot write {out}: folder {parent} does not take new files ({exc.strerror or exc})") from None
     if out.exists() and not os.access(out, os.W_OK):
-        raise ValueError(f"--out {out}: file exists and is not writable")
+        raise ValueError(f"cannot write {out}: the file exists and is not writable")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx's exporter logs every optimisation pass at INFO and warns about absent torchvision ops."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING if lg.name.startswith("onnx") else logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def export_onnx(checkpoint: Checkpoint, out: str | os.PathLike, input_kind: str = "float") -> list[Path]:
@@ -151,8 +153,11 @@ def export_onnx(checkpoint: Checkpoint, out: str | os.PathLike, input_kind: str 
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
     os.close(fd)
     try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, out)
+        try:
+            onnx.save(proto, tmp)
+            os.replace(tmp, out)
+        except OSError as exc:
+            raise ValueError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -165,7 +170,7 @@ def export_openvino(checkpoint: Checkpoint, out: str | os.PathLike, input_kind: 
     onnx = require("onnx", "exporting to OpenVINO (through ONNX)")
     out = Path(out)
     if out.suffix != ".xml":
-        raise ValueError(f"--out {out}: an OpenVINO IR is an .xml file (its weights go beside it as .bin)")
+        raise ValueError(f"cannot write {out}: an OpenVINO IR is an .xml file (its weights go beside it as .bin)")
     _check_out(out)
     proto = _onnx_proto(checkpoint, input_kind)
     parent = out.parent if str(out.parent) else Path(".")

@@ -12,18 +12,40 @@ default to bfloat16 and R would drift); an INT8-quantized graph still runs its I
 """
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .checkpoint import Checkpoint
-from .export import GRAPH_FORMAT, INPUT_KINDS, _onnx_proto, require
+if TYPE_CHECKING:  # torch and the exporter load on first use: the CLI's parsers import this module
+    import torch
+
+    from .checkpoint import Checkpoint
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 GRAPH_RUNTIMES = RUNTIMES[1:]
+EXPORT_FORMATS = ("onnx", "openvino")
+INPUT_KINDS = ("float", "uint8")
+# which pip extra brings which package
+EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "openvino": "openvino"}
+
+
+class RuntimeUnavailable(RuntimeError):
+    """An optional runtime or exporter package is not installed (the message names the pip extra)."""
+
+
+def require(module: str, what: str):
+    """Imports an optional package or raises RuntimeUnavailable naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        extra = EXTRAS.get(module.split(".")[0], module)
+        raise RuntimeUnavailable(
+            f"{what} needs the package {module.split('.')[0]}, which is not installed or does not load "
+            f"({type(exc).__name__}: {exc}); install it with: pip install 'ama-stream[{extra}]'") from None
 
 
 def check_runtime(runtime: str) -> str:
@@ -49,6 +71,8 @@ class GraphSession:
 
     def feed(self, x: torch.Tensor) -> np.ndarray:
         """Model input [B, C, S, S] in [-1, 1] -> what this graph takes (the uint8 inverse of to_tensor)."""
+        import torch
+
         x = x.detach().to("cpu", torch.float32)
         if self.input_kind == "uint8":
             return ((x + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
@@ -56,6 +80,8 @@ class GraphSession:
 
 
 def _check_metadata(metadata: dict[str, str], checkpoint: Checkpoint, origin: str) -> None:
+    from .export import GRAPH_FORMAT
+
     if metadata.get("format") != GRAPH_FORMAT:
         raise ValueError(f"{origin}: not an ama-stream scoring graph (no {GRAPH_FORMAT!r} metadata; "
                          "write it with ama-stream export)")
@@ -79,6 +105,8 @@ def _onnx_metadata(path: Path) -> dict[str, str]:
 
 
 def _threads(threads: int | None) -> int:
+    import torch
+
     return max(1, int(threads if threads is not None else torch.get_num_threads()))
 
 
@@ -134,6 +162,8 @@ def open_runtime(runtime: str, checkpoint: Checkpoint, model_file: str | os.Path
                  threads: int | None = None, input_kind: str = "float") -> GraphSession:
     """A session of `runtime` for the checkpoint: its exported graph from `model_file` (.onnx, or .xml
     for openvino), else exported now in memory (a few seconds) with `input_kind`."""
+    from .export import _onnx_proto
+
     check_runtime(runtime)
     if runtime == "torch":
         raise ValueError("the torch runtime runs the checkpoint itself, not an exported graph")
