@@ -276,7 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad or set(args.presets) - set(PRESETS):
         p.error(f"unknown runtimes {sorted(bad)} or presets {sorted(set(args.presets) - set(PRESETS))}")
     if args.smoke:
-        args.batch_sizes = args.batch_sizes[:2] if argv and "--batch-sizes" in argv else [1, 8]
+        given = sys.argv[1:] if argv is None else argv
+        args.batch_sizes = args.batch_sizes[:2] if any(a.startswith("--batch-sizes") for a in given) else [1, 8]
         args.reps, args.warmup = 2, 1
         args.calib_images, args.limit_test = min(args.calib_images, 64), min(args.limit_test or 200, 200)
         args.no_doc = True
