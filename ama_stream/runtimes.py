@@ -146,7 +146,7 @@ class OpenVinoSession(GraphSession):
         self._r, self._f = self.compiled.output("r"), self.compiled.output("features")
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.request.infer({0: x})
+        out = self.request.infer({0: x}, share_outputs=False)  # copies: the next call reuses the buffers
         return np.asarray(out[self._r]), np.asarray(out[self._f])
 
 
