@@ -117,7 +117,8 @@ def _check_out(out: Path) -> None:
     if out.is_dir():
         raise ValueError(f"cannot write {out}: it is a directory; name the file to write")
     if not parent.is_dir():
-        raise ValueError(f"cannot write {out}: folder {parent} does not exist")
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise ValueError(f"cannot write {out}: folder {parent} {what}")
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
         os.close(fd)
