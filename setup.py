@@ -118,6 +118,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "scipy>=1.10", "hypothesis>=6.100", "tensorboard>=2.14", "ninja", "pybind11"],
+        # `--runtime onnxruntime` and `ama-stream export --format onnx` (torch.onnx's exporter needs onnx + onnxscript)
+        "onnx": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
+        # `--runtime openvino` and `ama-stream export --format openvino` (converted from the ONNX export)
+        "openvino": ["openvino>=2024.6", "onnx>=1.17", "onnxscript>=0.3"],
     },
     entry_points={"console_scripts": ["ama-stream = ama_stream.cli:main"]},
     ext_modules=ext_modules,

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.commands.evaluate", "evaluate a checkpoint as the paper does (AUROC/AUPR/F1)"),
     "calibrate": ("ama_stream.commands.calibrate", "fit mu/sigma and the alert threshold on normal data"),
     "serve": ("ama_stream.commands.serve", "run the Kafka scoring agent"),
+    "export": ("ama_stream.commands.export", "export the scoring graph (images -> R) to ONNX or OpenVINO"),
     "produce": ("ama_stream.commands.produce", "publish image frames from a data source to Kafka"),
     "demo": ("training.commands.demo", "end-to-end demo on an embedded broker"),
     "broker": ("ama_stream.commands.broker", "run the embedded Kafka-protocol broker (tansu): IN MEMORY, for trials "

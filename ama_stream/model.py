@@ -226,3 +226,14 @@ class AMA(nn.Module):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.generator(self.encoder(x))
+
+
+def bake_spectral_norm(module: nn.Module) -> None:
+    """Replace spectral-norm parametrizations by their current (eval) value: same outputs, less work
+    (for inference: the Scorer and the exported graph)."""
+    from torch.nn.utils import parametrize
+
+    for sub in module.modules():
+        if parametrize.is_parametrized(sub):
+            for name in list(sub.parametrizations.keys()):
+                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)

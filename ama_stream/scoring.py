@@ -1,26 +1,30 @@
-"""Scorer: checkpoint -> R-score, z and log A-score for a batch of images. Knows nothing of Kafka.
+"""Scorer: checkpoint -> R-scores (and, when asked, the critic's pooled features) for a batch of
+images. Knows nothing of Kafka, nor of mu/sigma.
 
 R(x) = || f(x, x) - f(x, G(E(x))) ||_1 with f the critic's sum-pooled penultimate features
 (paper eq. 5); both halves of the pair go through the critic in ONE pass over the 2B batch.
-The A-score (eq. 6) is the Gaussian density of R under the fitted (mu, sigma); it is reported
-as z = (R - mu) / sigma and log A, never as a raw density that underflows.
+z, log A (eq. 6), p-values and decisions are the Calibration's (ama_stream.calibration), the one
+owner of mu/sigma:  `calibration.decide(scorer.score_images(images).r)`.
+
+Runtimes: "torch" (default) runs the checkpoint's modules; "onnxruntime" and "openvino" run the
+exported scoring graph (ama_stream.export / ama_stream.runtimes) on the CPU, same R within float32
+rounding.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
-from torch.nn.utils import parametrize
 
 from . import ops
 from .checkpoint import Checkpoint, load_checkpoint
-from .model import stacked_pairs
-from .preprocess import FitTally, native_shape, prepare_batch, to_tensor
+from .model import bake_spectral_norm, stacked_pairs
+from .runtimes import check_runtime
+from .preprocess import FitTally, fit_image, native_shape, to_tensor
 from .progress import progress
 
 if TYPE_CHECKING:
@@ -34,11 +38,12 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": t
 
 @dataclass
 class Scores:
-    """Per-image results, numpy float64 arrays of length B."""
+    """The Scorer's results for B images: R-scores, numpy float64 [B], and with `return_features` the
+    critic's sum-pooled features f, float32 [2B, W] ((x, x) rows, then (x, x_hat) rows). z, log A and
+    decisions: `Calibration.decide(scores.r)`."""
 
     r: np.ndarray
-    z: np.ndarray
-    log_a: np.ndarray
+    features: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.r)
@@ -62,18 +67,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _bake_spectral_norm(module: torch.nn.Module) -> None:
-    """Replace spectral-norm parametrizations by their current (eval) value: same outputs, less work."""
-    for sub in module.modules():
-        if parametrize.is_parametrized(sub):
-            for name in list(sub.parametrizations.keys()):
-                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
-
-
 class Scorer:
-    """Loads a checkpoint once; scores batches of images on one device.
+    """Loads a checkpoint once; scores batches of images on one device. Returns R, never z or log A.
 
     Speed options (each measured; docs/benchmarks.md has the numbers):
+    - runtime: "torch" (default), or "onnxruntime" / "openvino": the exported scoring graph on the
+      CPU (optional extras [onnx] / [openvino]); `runtime_model` names an `ama-stream export` file
+      (.onnx, or .xml for openvino; an INT8-quantized graph too), else the graph is exported in
+      memory at construction (a few seconds). `runtime_threads` (default: torch's thread count).
+      `reconstruct` and `feature_map` always run the torch modules.
     - channels_last: NHWC activations. Default (None): on for the CPU, where it measured faster,
       off on CUDA until measured there.
     - precision: "float32" (default), or "bfloat16"/"float16" autocast for E, G and the critic; the
@@ -92,9 +94,21 @@ class Scorer:
         channels_last: bool | None = None,
         precision: str = "float32",
         compile_mode: str | None = None,
+        runtime: str = "torch",
+        runtime_model: str | None = None,
+        runtime_threads: int | None = None,
     ):
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {sorted(AUTOCAST_DTYPES)}, got {precision!r}")
+        self.runtime = check_runtime(runtime)
+        if runtime == "torch" and runtime_model is not None:
+            raise ValueError("a runtime model (exported graph) runs with runtime onnxruntime or openvino, not torch")
+        if runtime != "torch":
+            if precision != "float32" or compile_mode is not None:
+                raise ValueError(f"precision and compile_mode apply to the torch runtime, not {runtime}")
+            if device is not None and str(device) != "auto" and resolve_device(device).type != "cpu":
+                raise ValueError(f"runtime {runtime} runs on the CPU; use device cpu (or auto) with it")
+            device = "cpu"
         self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         self.device = resolve_device(device)
         self.channels_last = self.device.type == "cpu" if channels_last is None else bool(channels_last)
@@ -103,27 +117,36 @@ class Scorer:
         self._memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         model = self.checkpoint.build_model("cpu")
         with torch.no_grad():
-            _bake_spectral_norm(model)
+            bake_spectral_norm(model)
         self.model = model.to(self.device, memory_format=self._memory_format).eval()
         self.spec = self.checkpoint.preprocess
         self.mirrored = self.checkpoint.model.mirrored
-        self.mu = self.checkpoint.mu
-        self.sigma = self.checkpoint.sigma
         self._critic_map = self._critic_map_eager
         if compile_mode is not None:
             self._critic_map = torch.compile(self._critic_map_eager, mode=compile_mode, dynamic=False, fullgraph=True)
+        self.graph = None
+        if runtime != "torch":
+            from .runtimes import open_runtime
+
+            self.graph = open_runtime(runtime, self.checkpoint, runtime_model, runtime_threads)
         log.debug(
-            "scorer on %s: channels_last=%s precision=%s compile_mode=%s ops backend=%s",
-            self.device, self.channels_last, precision, compile_mode, ops.backend(self.device),
+            "scorer on %s: runtime=%s channels_last=%s precision=%s compile_mode=%s ops backend=%s",
+            self.device, runtime, self.channels_last, precision, compile_mode, ops.backend(self.device),
         )
 
     @property
     def model_id(self) -> str:
         return self.checkpoint.model_id
 
+    def fit(self, images) -> np.ndarray:
+        """Decoded uint8 images (HxW or HxWxC, any size) -> uint8 [B, S, S, C] at the model size."""
+        if len(images):
+            return np.stack([fit_image(img, self.spec) for img in images])
+        return np.zeros((0, self.spec.image_size, self.spec.image_size, self.spec.channels), dtype=np.uint8)
+
     def prepare(self, images) -> torch.Tensor:
         """Decoded uint8 images (HxW or HxWxC, any size) -> CPU model input [B, C, S, S]."""
-        return prepare_batch(images, self.spec)
+        return to_tensor(self.fit(images))
 
     def _critic_map_eager(self, x: torch.Tensor) -> torch.Tensor:
         x_hat = self.model.generator(self.model.encoder(x))
@@ -131,28 +154,47 @@ class Scorer:
 
     @torch.inference_mode()
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Critic activation h [2B, W, 8, 8] for the stacked pairs (x, x) and (x, G(E(x)))."""
+        """Critic activation h [2B, W, 8, 8] for the stacked pairs (x, x) and (x, G(E(x))) (torch modules)."""
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self._memory_format)
         dtype = AUTOCAST_DTYPES[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return self._critic_map(x)
 
+    def _empty(self, return_features: bool) -> Scores:
+        return Scores(np.zeros(0), np.zeros((0, self.checkpoint.model.disc_width), np.float32) if return_features else None)
+
+    @staticmethod
+    def _scores(r, features, return_features: bool) -> Scores:
+        to_np = lambda t: t.detach().to("cpu").numpy() if isinstance(t, torch.Tensor) else np.asarray(t)  # noqa: E731
+        return Scores(to_np(r).astype(np.float64), to_np(features).astype(np.float32, copy=False) if return_features else None)
+
     @torch.inference_mode()
-    def score_tensor(self, x: torch.Tensor, mu: float | None = None, sigma: float | None = None) -> Scores:
-        """x [B, C, S, S] in [-1, 1] -> Scores under (mu, sigma), defaulting to the checkpoint's."""
-        mu = self.mu if mu is None else mu
-        sigma = self.sigma if sigma is None else sigma
-        if not (math.isfinite(mu) and math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"invalid calibration mu={mu!r} sigma={sigma!r}")
+    def score_tensor(self, x: torch.Tensor, *, return_features: bool = False) -> Scores:
+        """x [B, C, S, S] in [-1, 1] -> Scores (R, and the pooled features with `return_features`)."""
         expected = (self.spec.channels, self.spec.image_size, self.spec.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}")
         if x.shape[0] == 0:
-            empty = np.zeros(0)
-            return Scores(empty, empty.copy(), empty.copy())
-        r, z, log_a = ops.pair_rscore(self.feature_map(x), mu, sigma)
-        to_np = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
-        return Scores(to_np(r), to_np(z), to_np(log_a))
+            return self._empty(return_features)
+        if self.graph is not None:
+            r, f = self.graph.run(self.graph.feed(x))
+            return self._scores(r, f, return_features)
+        out = ops.pair_rscore(self.feature_map(x), return_features=return_features)
+        return self._scores(*(out if return_features else (out, None)), return_features)
+
+    def score_fitted(self, images: np.ndarray, *, return_features: bool = False) -> Scores:
+        """uint8 [B, S, S, C] images already at the model size (Scorer.fit) -> Scores. A graph that
+        takes uint8 gets them as they are; otherwise they are scaled to [-1, 1] first."""
+        if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (
+                self.spec.image_size, self.spec.image_size, self.spec.channels):
+            raise ValueError(f"expected uint8 [B, {self.spec.image_size}, {self.spec.image_size}, {self.spec.channels}], "
+                             f"got {images.dtype} {tuple(images.shape)}")
+        if self.graph is not None and self.graph.input_kind == "uint8":
+            if len(images) == 0:
+                return self._empty(return_features)
+            r, f = self.graph.run(np.ascontiguousarray(images))
+            return self._scores(r, f, return_features)
+        return self.score_tensor(to_tensor(images), return_features=return_features)
 
     @torch.inference_mode()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,8 +202,9 @@ class Scorer:
         x = x.to(self.device).contiguous(memory_format=self._memory_format)
         return self.model.generator(self.model.encoder(x)).float().cpu().contiguous()
 
-    def score_images(self, images, mu: float | None = None, sigma: float | None = None) -> Scores:
-        return self.score_tensor(self.prepare(images), mu, sigma)
+    def score_images(self, images, *, return_features: bool = False) -> Scores:
+        """Decoded uint8 images (any sizes) -> Scores."""
+        return self.score_fitted(self.fit(images), return_features=return_features)
 
     def r_scores(self, x: torch.Tensor | np.ndarray, batch_size: int = 256, desc: str | None = None) -> np.ndarray:
         """R-scores of many inputs in chunks: a model-input tensor, or uint8 [N, S, S, C] images already
@@ -171,7 +214,7 @@ class Scorer:
         with progress(total=len(x), desc=desc, unit="img") if desc else contextlib.nullcontext() as bar:
             for i in range(0, len(x), batch_size):
                 chunk = x[i : i + batch_size]
-                out.append(self.score_tensor(chunk if isinstance(chunk, torch.Tensor) else to_tensor(chunk)).r)
+                out.append((self.score_tensor(chunk) if isinstance(chunk, torch.Tensor) else self.score_fitted(chunk)).r)
                 if bar is not None:
                     bar.update(len(out[-1]))
         return np.concatenate(out) if out else np.zeros(0)

@@ -179,7 +179,7 @@ ENV_PREFIX = "AMA_"
 TOOL_ENV = frozenset({"data_root", "cache_dir", "log_level", "log_json", "debug", "require_compiled", "skip_cuda",
                       "force_cuda", "test_bootstrap"})
 TRAIN_KEYS = frozenset({"data", "model", "loss", "optim", "train", "policy", "seed", "device", "data_root"})
-AGENT_KEYS = frozenset({"kafka", "topics", "group_id", "batching", "limits", "metrics", "retry", "device",
+AGENT_KEYS = frozenset({"kafka", "topics", "group_id", "batching", "limits", "metrics", "retry", "device", "runtime",
                         "torch_threads", "checkpoint", "calibration", "calibration_check_s", "drift", "max_frames",
                         "idle_exit_s", "consumer", "producer"})
 

@@ -120,7 +120,7 @@ def bench_tail(device: torch.device, reps: int, quick: bool) -> list[dict]:
         if layout == "channels_last":
             h = h.contiguous(memory_format=torch.channels_last)
         med = alternate(
-            {"fused": lambda: ops.pair_rscore(h, 1.0, 2.0), "twin": lambda: ops.pair_rscore_reference(h, 1.0, 2.0)},
+            {"fused": lambda: ops.pair_rscore(h), "twin": lambda: ops.pair_rscore_reference(h)},
             device, reps,
         )
         rows.append({
@@ -185,7 +185,7 @@ def bench_scorer(device: torch.device, args: argparse.Namespace, folder: Path) -
                 total, n_total = repeat_for(lambda: scorer.score_tensor(x), device, args.min_seconds, 5)
                 h = scorer.feature_map(x)
                 med = alternate(
-                    {"fused": lambda: ops.pair_rscore(h, 1.0, 2.0), "twin": lambda: ops.pair_rscore_reference(h, 1.0, 2.0)},
+                    {"fused": lambda: ops.pair_rscore(h), "twin": lambda: ops.pair_rscore_reference(h)},
                     device, reps=max(3, args.reps // 2), warmup=1,
                 )
                 fps_seen = batch / total

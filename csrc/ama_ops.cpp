@@ -63,14 +63,11 @@ at::Tensor shell_sample_backend_select(
 }  // namespace ama
 
 TORCH_LIBRARY(ama, m) {
-  // R-score tail of the mirrored critic: h [2B, C, H, W] -> R, z, log A, each [B] float32.
-  m.def(
-      "pair_rscore(Tensor h, float mu, float sigma) -> (Tensor r, Tensor z, Tensor log_a)",
-      {at::Tag::pt2_compliant_tag});
+  // R-score tail of the mirrored critic: h [2B, C, H, W] -> R [B] float32. Only R: z, log A, p-values
+  // and decisions belong to the calibration (ama_stream/calibration.py), which owns mu and sigma.
+  m.def("pair_rscore(Tensor h) -> Tensor", {at::Tag::pt2_compliant_tag});
   // Same, plus the pooled features f = sum_hw ReLU(h) [2B, C] float32 for callers that need D's logits.
-  m.def(
-      "pair_rscore_features(Tensor h, float mu, float sigma) -> (Tensor r, Tensor z, Tensor log_a, Tensor features)",
-      {at::Tag::pt2_compliant_tag});
+  m.def("pair_rscore_features(Tensor h) -> (Tensor r, Tensor features)", {at::Tag::pt2_compliant_tag});
   // n points of the shell r_inner <= |z| <= r_outer in R^d, float32 [n, d]: a uniform direction and a
   // radius uniform in [r_inner, r_outer], or (volume=True) uniform over the shell's volume.
   m.def(

@@ -20,8 +20,8 @@ namespace ama {
       TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
       AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// h must be [2B, C, H, W], a floating type the kernels read, and (mu, sigma) a valid Gaussian.
-inline void check_pair_rscore_args(const at::Tensor& h, double mu, double sigma) {
+// h must be [2B, C, H, W] of a floating type the kernels read.
+inline void check_pair_rscore_args(const at::Tensor& h) {
   TORCH_CHECK_VALUE(h.dim() == 4, "pair_rscore: h must be 4-D [2B, C, H, W], got ", h.dim(), "-D shape ", h.sizes());
   TORCH_CHECK_VALUE(
       h.size(0) % 2 == 0,
@@ -31,10 +31,6 @@ inline void check_pair_rscore_args(const at::Tensor& h, double mu, double sigma)
   TORCH_CHECK_TYPE(
       dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
       "pair_rscore: h must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK_VALUE(
-      std::isfinite(mu) && std::isfinite(sigma), "pair_rscore: mu and sigma must be finite, got mu=", mu,
-      " sigma=", sigma);
-  TORCH_CHECK_VALUE(sigma > 0, "pair_rscore: sigma must be > 0, got ", sigma);
 }
 
 inline void check_shell_sample_args(int64_t n, int64_t d, double r_inner, double r_outer) {
@@ -53,13 +49,11 @@ inline bool reads_as_nhwc(const at::Tensor& h) {
   return !h.is_contiguous() && h.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// The three [B] float32 outputs (R, z, log_a) and, when asked for, the pooled features [2B, C].
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_pair_rscore_outputs(
-    const at::Tensor& h, bool with_features) {
+// The [B] float32 R-scores and, when asked for, the pooled features [2B, C] (else undefined).
+inline std::tuple<at::Tensor, at::Tensor> allocate_pair_rscore_outputs(const at::Tensor& h, bool with_features) {
   const auto opts = h.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
-  const int64_t pairs = h.size(0) / 2;
   at::Tensor features = with_features ? at::empty({h.size(0), h.size(1)}, opts) : at::Tensor();
-  return {at::empty({pairs}, opts), at::empty({pairs}, opts), at::empty({pairs}, opts), features};
+  return {at::empty({h.size(0) / 2}, opts), features};
 }
 
 }  // namespace ama

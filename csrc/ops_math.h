@@ -9,28 +9,6 @@
 
 namespace ama {
 
-// log(sqrt(2 pi)): the Gaussian log-density's normalising constant.
-constexpr double kLogSqrt2Pi = 0.91893853320467274178;
-
-// z and log A of an R-score under N(mu, sigma), in float32 like the pure-PyTorch twin.
-struct Gaussian {
-  float mu;
-  float inv_sigma;
-  float log_norm;  // log(sigma) + log(sqrt(2 pi))
-
-  Gaussian(double mu_, double sigma_)
-      : mu(static_cast<float>(mu_)),
-        inv_sigma(static_cast<float>(1.0 / sigma_)),
-        log_norm(static_cast<float>(std::log(sigma_) + kLogSqrt2Pi)) {}
-
-  C10_HOST_DEVICE inline void write(float r, float* r_out, float* z_out, float* log_a_out) const {
-    const float z = (r - mu) * inv_sigma;
-    *r_out = r;
-    *z_out = z;
-    *log_a_out = -0.5f * z * z - log_norm;
-  }
-};
-
 // ReLU that keeps NaN (as torch.relu does), so a broken activation shows up in the score.
 template <typename T>
 C10_HOST_DEVICE inline T relu_keep_nan(T v) {

@@ -72,7 +72,7 @@ def test_falls_back_to_twins_without_extension() -> None:
         import torch
         import ama_stream.ops as o
         h = torch.randn(6, 4, 3, 3)
-        for a, b in zip(o.pair_rscore(h, 1.0, 2.0), o.pair_rscore_reference(h, 1.0, 2.0)):
+        for a, b in zip(o.pair_rscore(h, return_features=True), o.pair_rscore_reference(h, return_features=True)):
             assert torch.equal(a, b)
         torch.manual_seed(3)
         s = o.shell_sample(5, 7, 1.0, 2.0)
@@ -99,8 +99,8 @@ def test_portable_cpu_kernels_match_twin() -> None:
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 h = torch.randn(shape).to(dtype)
                 for x in (h, h.to(memory_format=torch.channels_last)):
-                    got = torch.ops.ama.pair_rscore_features(x, 2.0, 3.0)
-                    want = pair_rscore_reference(x, 2.0, 3.0, return_features=True)
+                    got = torch.ops.ama.pair_rscore_features(x)
+                    want = pair_rscore_reference(x, return_features=True)
                     for a, b in zip(got, want):
                         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)
         """,

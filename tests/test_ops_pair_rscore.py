@@ -51,24 +51,18 @@ def make_h(shape: tuple[int, int, int, int], dtype: torch.dtype, layout: str, de
 
 
 def assert_matches_twin(h: torch.Tensor) -> None:
-    """Compiled R, z, log A and features equal the twin's within float32 summation-order error."""
+    """Compiled R and features equal the twin's within float32 summation-order error."""
     _, c, hh, ww = h.shape
-    r_twin, _, _, f_twin = pair_rscore_reference(h, 0.0, 1.0, return_features=True)
-    mu = float(r_twin.mean()) if r_twin.numel() else 0.0
-    sigma = float(r_twin.std()) + 1.0 if r_twin.numel() > 1 else 1.0
-    want = pair_rscore_reference(h, mu, sigma, return_features=True)
-    got = torch.ops.ama.pair_rscore_features(h, mu, sigma)
-    assert all(t.dtype == torch.float32 and t.device == h.device for t in got)
+    want = pair_rscore_reference(h, return_features=True)
+    got = torch.ops.ama.pair_rscore_features(h)
+    assert len(got) == 2 and all(t.dtype == torch.float32 and t.device == h.device for t in got)
     # float32 sums of H*W terms, then of C terms: the error grows with C * H * W.
     tol_r = 2e-6 * max(c * hh * ww, 1)
-    max_z = float(want[1].abs().max()) if want[1].numel() else 0.0
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=tol_r)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=tol_r / sigma)
-    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=(max_z + 1) * tol_r / sigma)
-    torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=2e-6 * max(hh * ww, 1))
-    plain = torch.ops.ama.pair_rscore(h, mu, sigma)
-    for a, b in zip(plain, got[:3]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=2e-6 * max(hh * ww, 1))
+    plain = torch.ops.ama.pair_rscore(h)
+    assert isinstance(plain, torch.Tensor) and plain.shape == (h.shape[0] // 2,)
+    torch.testing.assert_close(plain, got[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -93,10 +87,10 @@ def test_public_op_uses_compiled_kernel_and_agrees(device: str) -> None:
     require_compiled(device)
     h = make_h((9, 16, 8, 8), torch.float32, "contiguous", device)
     assert ops.backend(device) == "compiled"
-    for a, b in zip(ops.pair_rscore(h, 3.0, 2.0), torch.ops.ama.pair_rscore(h, 3.0, 2.0)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    r, z, log_a, f = ops.pair_rscore(h, 3.0, 2.0, return_features=True)
-    assert f.shape == (18, 16)
+    torch.testing.assert_close(ops.pair_rscore(h), torch.ops.ama.pair_rscore(h), rtol=0, atol=0)
+    r, f = ops.pair_rscore(h, return_features=True)
+    assert r.shape == (9,) and f.shape == (18, 16)
+    torch.testing.assert_close(r, ops.pair_rscore(h), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -104,7 +98,7 @@ def test_nan_in_one_pair_stays_in_that_pair(device: str) -> None:
     require_compiled(device)
     h = make_h((4, 8, 3, 3), torch.float32, "contiguous", device)
     h[5, 2, 1, 1] = float("nan")  # row 5 is the (x, x_hat) half of pair 1
-    for r, _, _ in (torch.ops.ama.pair_rscore(h, 0.0, 1.0), pair_rscore_reference(h, 0.0, 1.0)):
+    for r in (torch.ops.ama.pair_rscore(h), pair_rscore_reference(h)):
         assert torch.isnan(r[1]) and torch.isfinite(r[[0, 2, 3]]).all()
 
 
@@ -112,25 +106,34 @@ def test_nan_in_one_pair_stays_in_that_pair(device: str) -> None:
 def test_deterministic(device: str) -> None:
     require_compiled(device)
     h = make_h((33, 64, 8, 8), torch.bfloat16, "channels_last", device)
-    first = torch.ops.ama.pair_rscore(h, 1.0, 2.0)
-    for a, b in zip(first, torch.ops.ama.pair_rscore(h, 1.0, 2.0)):
+    first = torch.ops.ama.pair_rscore_features(h)
+    for a, b in zip(first, torch.ops.ama.pair_rscore_features(h)):
         assert torch.equal(a, b)
 
 
 def test_twin_is_differentiable_and_public_op_uses_it_under_autograd() -> None:
     h = make_h((3, 4, 2, 2), torch.float32, "contiguous", "cpu").requires_grad_()
-    r, z, log_a = ops.pair_rscore(h, 1.0, 2.0)
+    r = ops.pair_rscore(h)
     assert r.grad_fn is not None
-    log_a.sum().backward()
+    r.sum().backward()
     assert h.grad is not None and torch.isfinite(h.grad).all()
 
 
-def test_mu_sigma_accept_numpy_and_cpu_tensors() -> None:
-    h = make_h((2, 3, 2, 2), torch.float32, "contiguous", "cpu")
-    want = ops.pair_rscore(h, 1.5, 2.0)
-    for mu, sigma in ((np.float64(1.5), np.float32(2.0)), (torch.tensor(1.5), torch.tensor([2.0]))):
-        for a, b in zip(ops.pair_rscore(h, mu, sigma), want):
-            torch.testing.assert_close(a, b)
+def test_op_returns_r_only_and_calibration_owns_z_and_log_a() -> None:
+    """One owner of the score math: the op gives R; z and log A come from the Calibration."""
+    import inspect
+
+    from ama_stream.calibration import Calibration, Entry, Policy
+
+    assert str(torch.ops.ama.pair_rscore.default._schema) == "ama::pair_rscore(Tensor h) -> Tensor"
+    assert str(torch.ops.ama.pair_rscore_features.default._schema) == \
+        "ama::pair_rscore_features(Tensor h) -> (Tensor r, Tensor features)"
+    assert list(inspect.signature(ops.pair_rscore).parameters) == ["h", "return_features"]
+    h = make_h((6, 5, 3, 3), torch.float32, "contiguous", "cpu")
+    r = ops.pair_rscore(h).double().numpy()
+    d = Calibration("m", Entry(n=10, mu=2.0, sigma=3.0), Policy("sigma", None, 3.0)).decide(r)
+    np.testing.assert_allclose(d.z, (r - 2.0) / 3.0)
+    np.testing.assert_allclose(d.log_a, -0.5 * ((r - 2.0) / 3.0) ** 2 - math.log(3.0) - 0.5 * math.log(2 * math.pi))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -142,14 +145,15 @@ def test_opcheck(device: str) -> None:
         ((1, 7, 2, 5), torch.float16, "strided"),
     ]:
         h = make_h(shape, dtype, layout, device)
-        torch.library.opcheck(torch.ops.ama.pair_rscore.default, (h, 0.5, 2.0))
-        torch.library.opcheck(torch.ops.ama.pair_rscore_features.default, (h, 0.5, 2.0))
+        torch.library.opcheck(torch.ops.ama.pair_rscore.default, (h,))
+        torch.library.opcheck(torch.ops.ama.pair_rscore_features.default, (h,))
 
 
 def test_meta_tensors_give_shapes() -> None:
     h = torch.empty(10, 6, 8, 8, device="meta")
-    r, z, log_a, f = ops.pair_rscore(h, 0.0, 1.0, return_features=True)
-    assert r.shape == z.shape == log_a.shape == (5,) and f.shape == (10, 6) and r.device.type == "meta"
+    r, f = ops.pair_rscore(h, return_features=True)
+    assert r.shape == (5,) and f.shape == (10, 6) and r.device.type == "meta" and f.device.type == "meta"
+    assert ops.pair_rscore(h).shape == (5,)
 
 
 @pytest.mark.slow
@@ -158,7 +162,7 @@ def test_torch_compile_fullgraph() -> None:
     h = make_h((4, 8, 8, 8), torch.float32, "contiguous", "cpu")
 
     def tail(h: torch.Tensor):
-        return ops.pair_rscore(torch.nn.functional.leaky_relu(h, 0.2), 1.0, 2.0)
+        return ops.pair_rscore(torch.nn.functional.leaky_relu(h, 0.2), return_features=True)
 
     compiled = torch.compile(tail, fullgraph=True)
     for a, b in zip(compiled(h), tail(h)):
@@ -168,43 +172,34 @@ def test_torch_compile_fullgraph() -> None:
 # --- bad input: the same clear error from the public op, the twin and the raw compiled op -----------
 
 BAD_INPUTS = [
-    (lambda: torch.zeros(4, 3, 2), 0.0, 1.0, ValueError, "must be 4-D"),
-    (lambda: torch.zeros(4, 3, 2, 2, 1), 0.0, 1.0, ValueError, "must be 4-D"),
-    (lambda: torch.zeros(3, 3, 2, 2), 0.0, 1.0, ValueError, "first dimension must be even"),
-    (lambda: torch.zeros(4, 3, 2, 2, dtype=torch.float64), 0.0, 1.0, TypeError, "float32, float16 or bfloat16"),
-    (lambda: torch.zeros(4, 3, 2, 2, dtype=torch.int32), 0.0, 1.0, TypeError, "float32, float16 or bfloat16"),
-    (lambda: torch.zeros(4, 3, 2, 2), 0.0, 0.0, ValueError, "sigma must be > 0"),
-    (lambda: torch.zeros(4, 3, 2, 2), 0.0, -1.0, ValueError, "sigma must be > 0"),
-    (lambda: torch.zeros(4, 3, 2, 2), float("nan"), 1.0, ValueError, "must be finite"),
-    (lambda: torch.zeros(4, 3, 2, 2), 0.0, float("inf"), ValueError, "must be finite"),
-    (lambda: torch.zeros(4, 3, 2, 2), float("-inf"), 1.0, ValueError, "must be finite"),
+    (lambda: torch.zeros(4, 3, 2), ValueError, "must be 4-D"),
+    (lambda: torch.zeros(4, 3, 2, 2, 1), ValueError, "must be 4-D"),
+    (lambda: torch.zeros(3, 3, 2, 2), ValueError, "first dimension must be even"),
+    (lambda: torch.zeros(4, 3, 2, 2, dtype=torch.float64), TypeError, "float32, float16 or bfloat16"),
+    (lambda: torch.zeros(4, 3, 2, 2, dtype=torch.int32), TypeError, "float32, float16 or bfloat16"),
 ]
 
 
 PATHS = {
     "public": ops.pair_rscore,
     "twin": pair_rscore_reference,
-    "compiled": lambda h, mu, sigma: torch.ops.ama.pair_rscore(h, mu, sigma),
+    "compiled": lambda h: torch.ops.ama.pair_rscore(h),
+    "compiled_features": lambda h: torch.ops.ama.pair_rscore_features(h),
 }
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("make, mu, sigma, exc, message", BAD_INPUTS)
-def test_bad_input_rejected_on_every_path(path: str, make, mu, sigma, exc, message) -> None:
-    if path == "compiled":
+@pytest.mark.parametrize("make, exc, message", BAD_INPUTS)
+def test_bad_input_rejected_on_every_path(path: str, make, exc, message) -> None:
+    if path.startswith("compiled"):
         require_compiled("cpu")
     with pytest.raises(exc, match=message):
-        PATHS[path](make(), mu, sigma)
+        PATHS[path](make())
 
 
-def test_bad_scalar_types_and_devices() -> None:
-    h = torch.zeros(4, 3, 2, 2)
+def test_bad_argument_types() -> None:
     for fn in (ops.pair_rscore, pair_rscore_reference):
-        with pytest.raises(ValueError, match="mu is on meta but h is on cpu"):
-            fn(h, torch.tensor(0.0, device="meta"), 1.0)
-        with pytest.raises(ValueError, match="sigma must be a number"):
-            fn(h, 0.0, torch.ones(2))
-        with pytest.raises(TypeError, match="mu must be a real number"):
-            fn(h, "0.0", 1.0)
         with pytest.raises(TypeError, match="h must be a tensor"):
-            fn([[1.0]], 0.0, 1.0)
+            fn([[1.0]])
+        with pytest.raises(TypeError):  # mu/sigma are gone from the op: the calibration owns them
+            fn(torch.zeros(4, 3, 2, 2), 0.0, 1.0)

@@ -9,7 +9,8 @@ from ama_stream import ops
 from ama_stream.checkpoint import Checkpoint
 from ama_stream.model import AMA, ModelConfig, pair
 from ama_stream.preprocess import PreprocessSpec
-from ama_stream.scoring import Scorer
+from ama_stream.calibration import Calibration
+from ama_stream.scoring import Scorer, Scores
 
 
 def tiny_checkpoint(channels: int = 3, mirrored: bool = True, seed: int = 0) -> Checkpoint:
@@ -26,7 +27,8 @@ def tiny_checkpoint(channels: int = 3, mirrored: bool = True, seed: int = 0) -> 
 
 
 def two_pass_scores(ckpt: Checkpoint, x: torch.Tensor, mu: float, sigma: float) -> tuple[np.ndarray, ...]:
-    """Paper eq. 5/6 written out: two separate critic passes, pooled features, L1, Gaussian log-density."""
+    """Paper eq. 5/6 written out: two separate critic passes, pooled features, L1, Gaussian log-density
+    (and the pooled features, (x, x) rows then (x, x_hat) rows)."""
     model = ckpt.build_model("cpu")
     mirrored = ckpt.model.mirrored
     with torch.no_grad():
@@ -35,7 +37,7 @@ def two_pass_scores(ckpt: Checkpoint, x: torch.Tensor, mu: float, sigma: float) 
         f_fake = model.discriminator.features(pair(x, x_hat, mirrored)).double()
     r = (f_real - f_fake).abs().sum(dim=1).numpy()
     z = (r - mu) / sigma
-    return r, z, -0.5 * z**2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)
+    return r, z, -0.5 * z**2 - np.log(sigma) - 0.5 * np.log(2 * np.pi), torch.cat([f_real, f_fake]).numpy()
 
 
 @pytest.mark.parametrize("channels, mirrored", [(1, True), (3, True), (3, False)])
@@ -44,11 +46,28 @@ def test_scores_equal_the_definition(channels: int, mirrored: bool, channels_las
     ckpt = tiny_checkpoint(channels, mirrored)
     x = torch.rand(7, channels, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     scorer = Scorer(ckpt, "cpu", channels_last=channels_last)
-    got = scorer.score_tensor(x, mu=20.0, sigma=5.0)
+    got = scorer.score_tensor(x, return_features=True)
     want = two_pass_scores(ckpt, x, 20.0, 5.0)
     np.testing.assert_allclose(got.r, want[0], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(got.z, want[1], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(got.log_a, want[2], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(got.features, want[3], rtol=1e-4, atol=1e-4)
+    assert scorer.score_tensor(x).features is None
+    # z and log A: the calibration's, from the Scorer's R (one owner of the score math)
+    d = Calibration.from_checkpoint(ckpt).decide(got.r)
+    np.testing.assert_allclose(d.z, want[1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d.log_a, want[2], rtol=1e-4, atol=1e-3)
+
+
+def test_scores_hold_r_only() -> None:
+    """The Scorer returns R (and features when asked); z and log A are not the Scorer's."""
+    import dataclasses
+    import inspect
+
+    assert [f.name for f in dataclasses.fields(Scores)] == ["r", "features"]
+    assert "mu" not in inspect.signature(Scorer.score_tensor).parameters
+    scorer = Scorer(tiny_checkpoint(), "cpu")
+    assert not hasattr(scorer, "mu") and not hasattr(scorer, "sigma")
+    empty = scorer.score_tensor(torch.zeros(0, 3, 16, 16), return_features=True)
+    assert empty.r.shape == (0,) and empty.features.shape == (0, 16)
 
 
 def test_scorer_feeds_the_fused_tail_its_layout() -> None:
@@ -57,8 +76,7 @@ def test_scorer_feeds_the_fused_tail_its_layout() -> None:
     x = torch.rand(5, 3, 16, 16) * 2 - 1
     h = scorer.feature_map(x)
     assert h.shape == (10, 16, 8, 8) and h.is_contiguous(memory_format=torch.channels_last)
-    for a, b in zip(ops.pair_rscore(h, 1.0, 2.0), ops.pair_rscore_reference(h, 1.0, 2.0)):
-        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ops.pair_rscore(h), ops.pair_rscore_reference(h))
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])

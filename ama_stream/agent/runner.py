@@ -69,7 +69,8 @@ class Agent:
         if scorer is None:
             if settings.checkpoint is None:
                 raise SettingsError("checkpoint: no checkpoint given (--checkpoint FILE or `checkpoint:` in the config)")
-            scorer = Scorer(load_checkpoint(settings.checkpoint), settings.device)
+            scorer = Scorer(load_checkpoint(settings.checkpoint), settings.device, runtime=settings.runtime,
+                            runtime_threads=settings.torch_threads)
         self.settings, self.scorer = settings, scorer
         _set_torch_threads(settings.torch_threads, scorer)
         self._stop = threading.Event()

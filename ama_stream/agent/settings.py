@@ -196,6 +196,7 @@ class AgentSettings(AmaSettings):
     metrics: MetricsSection = MetricsSection()
     retry: RetrySection = RetrySection()
     device: str = "auto"  # auto (first CUDA device, else CPU), cpu or cuda:N
+    runtime: Literal["torch", "onnxruntime", "openvino"] = "torch"  # scoring runtime (ama_stream.runtimes); the last two: CPU, extras [onnx]/[openvino]
     # CPU threads for the model; null = auto: on the CPU all cores but one (decoding and Kafka I/O
     # run beside the model, and a thread team that has to wait for a preempted member stalls)
     torch_threads: int | None = Field(None, ge=1)

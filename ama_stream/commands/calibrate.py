@@ -22,6 +22,7 @@ from ama_stream.calibration import (
     CalibrationFitter,
     Policy,
 )
+from ama_stream.runtimes import RUNTIMES
 
 log = logging.getLogger("ama_stream.calibrate")
 
@@ -55,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", metavar="DIR", help="where relative roots resolve (default: $AMA_DATA_ROOT)")
     parser.add_argument("--device", default="auto", metavar="D", help="auto, cpu or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="frames per scoring batch (default 256)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="scoring runtime: torch (default), or onnxruntime / openvino on the CPU (the exported "
+                             "graph; extras ama-stream[onnx] / [openvino])")
+    parser.add_argument("--runtime-model", metavar="FILE",
+                        help="with --runtime onnxruntime/openvino: a graph written by ama-stream export (default: "
+                             "export the checkpoint's graph in memory)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the score sample and of the file split")
     parser.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka bootstrap servers (kafka:TOPIC, --publish)")
     parser.add_argument("--window-s", type=float, metavar="S",
@@ -160,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         args.policy = (checkpoint.train_config or {}).get("policy") or DEFAULT_POLICY
         log.info("policy %s (the model's default; --policy overrides it)", args.policy)
     policy = _check(args, kafka)
-    scorer = Scorer(checkpoint, args.device)
+    scorer = Scorer(checkpoint, args.device, runtime=args.runtime, runtime_model=args.runtime_model)
     replay = None
     if kafka:
         from ama_stream.agent.replay import ReplayStats

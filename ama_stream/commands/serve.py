@@ -5,6 +5,7 @@ import argparse
 import logging
 import signal
 
+from ama_stream.runtimes import RUNTIMES
 from ama_stream.settings import load_settings, parse_overrides, set_dotted
 
 log = logging.getLogger("ama_stream.serve")
@@ -20,6 +21,7 @@ _FLAGS = {
     "dlq_topic": "topics.dead_letter",
     "group_id": "group_id",
     "device": "device",
+    "runtime": "runtime",
     "max_batch": "batching.max_batch",
     "max_wait_ms": "batching.max_wait_ms",
     "metrics_port": "metrics.port",
@@ -40,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dlq-topic", metavar="T", help="dead-letter topic for frames that cannot be scored")
     parser.add_argument("--group-id", metavar="G", help="consumer group (agents in one group share partitions)")
     parser.add_argument("--device", metavar="D", help="auto, cpu or cuda:N")
+    parser.add_argument("--runtime", choices=RUNTIMES,
+                        help="scoring runtime: torch (default), or onnxruntime / openvino (CPU; the exported graph, "
+                             "extras ama-stream[onnx] / [openvino])")
     parser.add_argument("--max-batch", type=int, metavar="N", help="frames per micro-batch")
     parser.add_argument("--max-wait-ms", type=int, metavar="MS", help="longest wait to fill a micro-batch")
     parser.add_argument("--metrics-port", type=int, metavar="P", help="port of /metrics, /healthz, /readyz (0: any)")

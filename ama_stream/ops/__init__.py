@@ -3,9 +3,8 @@
 Each public op runs the compiled kernel when ama_stream._C has one for the input's device type,
 and its pure-PyTorch twin (ops/reference.py) otherwise; `backend()` says which. The compiled
 kernels are inference kernels: when autograd is recording through `h`, pair_rscore runs the
-(differentiable) twin. mu and sigma are Python floats (the schema's `float`): a calibration is a
-host-side pair of numbers, and a device tensor would cost a synchronisation per call; one-element
-tensors on the CPU or on h's device are accepted and read with .item().
+(differentiable) twin. pair_rscore returns R only (and the pooled features when asked): the score
+math under a fitted Gaussian (z, log A, p-values, decisions) has one owner, ama_stream.calibration.
 """
 from __future__ import annotations
 
@@ -27,20 +26,21 @@ def backend(device: str | torch.device | None = None) -> str:
     return "compiled" if torch.device(device).type in _compiled.DEVICES else "reference"
 
 
-def pair_rscore(h: torch.Tensor, mu, sigma, *, return_features: bool = False):
+def pair_rscore(h: torch.Tensor, *, return_features: bool = False):
     """h [2B, C, H, W] float32/float16/bfloat16 (first B rows (x, x), last B rows (x, x_hat)) ->
-    (R, z, log A), each [B] float32, plus the pooled features f [2B, C] float32 with `return_features`.
+    R [B] float32, or (R, f) with the pooled features f [2B, C] float32 under `return_features`.
 
-    R = ||f(x, x) - f(x, x_hat)||_1, f = sum_hw ReLU(h); z = (R - mu) / sigma; log A is the log
-    Gaussian density of R (paper eq. 5, 6). Contiguous and channels_last inputs are read in place.
+    R = ||f(x, x) - f(x, x_hat)||_1, f = sum_hw ReLU(h) (paper eq. 5). Contiguous and channels_last
+    inputs are read in place. z, log A and decisions are not computed here: the Calibration
+    (ama_stream.calibration) owns mu/sigma and turns R into them.
     """
-    mu, sigma = check_pair_rscore_args(h, mu, sigma)
+    check_pair_rscore_args(h)
     grad = h.requires_grad and torch.is_grad_enabled()
     if h.device.type not in _compiled.DEVICES or grad:
-        return pair_rscore_reference(h, mu, sigma, return_features=return_features)
+        return pair_rscore_reference(h, return_features=return_features)
     if return_features:
-        return torch.ops.ama.pair_rscore_features(h, mu, sigma)
-    return torch.ops.ama.pair_rscore(h, mu, sigma)
+        return torch.ops.ama.pair_rscore_features(h)
+    return torch.ops.ama.pair_rscore(h)
 
 
 def shell_sample(

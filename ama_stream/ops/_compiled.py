@@ -29,20 +29,18 @@ DEVICES, LOAD_ERROR = _load()
 def _register_fakes() -> None:
     """Shape-only kernels: output shapes and dtypes from the input's metadata, no data touched."""
 
-    def pair_outputs(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def r_output(h: torch.Tensor) -> torch.Tensor:
         torch._check(h.dim() == 4, lambda: f"pair_rscore: h must be 4-D [2B, C, H, W], got {h.dim()}-D")
         torch._check(h.shape[0] % 2 == 0, lambda: f"pair_rscore: h's first dimension must be even, got {h.shape[0]}")
-        b = h.shape[0] // 2
-        return tuple(h.new_empty((b,), dtype=torch.float32) for _ in range(3))
+        return h.new_empty((h.shape[0] // 2,), dtype=torch.float32)
 
     @torch.library.register_fake("ama::pair_rscore")
-    def _pair_rscore_fake(h, mu, sigma):
-        return pair_outputs(h)
+    def _pair_rscore_fake(h):
+        return r_output(h)
 
     @torch.library.register_fake("ama::pair_rscore_features")
-    def _pair_rscore_features_fake(h, mu, sigma):
-        features = h.new_empty((h.shape[0], h.shape[1]), dtype=torch.float32)
-        return (*pair_outputs(h), features)
+    def _pair_rscore_features_fake(h):
+        return r_output(h), h.new_empty((h.shape[0], h.shape[1]), dtype=torch.float32)
 
     @torch.library.register_fake("ama::shell_sample")
     def _shell_sample_fake(n, d, r_inner, r_outer, *, volume=False, generator=None, device=None):

@@ -8,24 +8,19 @@ import torch
 
 from .checks import check_pair_rscore_args, check_shell_sample_args, resolve_sample_device
 
-LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-def pair_rscore_reference(h: torch.Tensor, mu, sigma, *, return_features: bool = False):
-    """R-score tail of the mirrored critic (paper eq. 5 and 6).
+def pair_rscore_reference(h: torch.Tensor, *, return_features: bool = False):
+    """R-score tail of the mirrored critic (paper eq. 5).
 
     h [2B, C, H, W] (first B rows (x, x), last B rows (x, x_hat)), any floating layout ->
-    R = ||f(x, x) - f(x, x_hat)||_1 with f = sum_hw ReLU(h), z = (R - mu) / sigma and
-    log A = -z^2 / 2 - log sigma - log sqrt(2 pi), each [B] float32; with `return_features`
-    also f [2B, C] float32. Differentiable with respect to h.
+    R = ||f(x, x) - f(x, x_hat)||_1 with f = sum_hw ReLU(h), [B] float32; with `return_features`
+    (R, f) with f [2B, C] float32. Differentiable with respect to h. Only R: z and log A under a
+    fitted Gaussian are the calibration's (ama_stream.calibration).
     """
-    mu, sigma = check_pair_rscore_args(h, mu, sigma)
+    check_pair_rscore_args(h)
     f = torch.relu(h.float()).sum(dim=(2, 3))
     b = f.shape[0] // 2
     r = (f[:b] - f[b:]).abs().sum(dim=1)
-    z = (r - mu) / sigma
-    log_a = -0.5 * z * z - (math.log(sigma) + LOG_SQRT_2PI)
-    return (r, z, log_a, f) if return_features else (r, z, log_a)
+    return (r, f) if return_features else r
 
 
 def shell_sample_reference(

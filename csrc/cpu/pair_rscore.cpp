@@ -1,4 +1,5 @@
-// CPU kernel of ama::pair_rscore / ama::pair_rscore_features.
+// CPU kernel of ama::pair_rscore / ama::pair_rscore_features (R-scores only; z and log A belong to
+// ama_stream.calibration).
 // One pass over h: each element is read once, ReLU'd and summed over H*W in float32 into the
 // row's channel sums f [C]; the pair's two rows then give R = sum_c |f_x - f_y|. No [2B, C, H, W]
 // temporary is written. Parallel over pairs. The row sums have an AVX2/F16C version (chosen at
@@ -142,8 +143,7 @@ RowSums<scalar_t> pick_row_sums(bool nhwc) {
 
 template <typename scalar_t>
 void pair_rscore_rows(
-    const scalar_t* h, bool nhwc, int64_t pairs, int64_t channels, int64_t hw, const Gaussian& g, float* r, float* z,
-    float* log_a, float* features) {
+    const scalar_t* h, bool nhwc, int64_t pairs, int64_t channels, int64_t hw, float* r, float* features) {
   const RowSums<scalar_t> row_sums = pick_row_sums<scalar_t>(nhwc);
   const int64_t row = channels * hw;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, 2 * row));
@@ -160,36 +160,31 @@ void pair_rscore_rows(
       for (int64_t c = 0; c < channels; ++c) {
         dist += std::abs(fx[c] - fy[c]);
       }
-      g.write(dist, r + b, z + b, log_a + b);
+      r[b] = dist;
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_rscore_impl(
-    const at::Tensor& h_in, double mu, double sigma, bool with_features) {
-  check_pair_rscore_args(h_in, mu, sigma);
+std::tuple<at::Tensor, at::Tensor> pair_rscore_impl(const at::Tensor& h_in, bool with_features) {
+  check_pair_rscore_args(h_in);
   TORCH_CHECK_VALUE(h_in.device().is_cpu(), "pair_rscore: CPU kernel called with h on ", h_in.device());
-  auto [r, z, log_a, features] = allocate_pair_rscore_outputs(h_in, with_features);
+  auto [r, features] = allocate_pair_rscore_outputs(h_in, with_features);
   const bool nhwc = reads_as_nhwc(h_in);
   const at::Tensor h = nhwc ? h_in : h_in.contiguous();
-  const Gaussian g(mu, sigma);
   float* f = with_features ? features.data_ptr<float>() : nullptr;
   AMA_DISPATCH_RSCORE_TYPES(h.scalar_type(), "ama::pair_rscore (CPU)", [&] {
     pair_rscore_rows(
-        h.const_data_ptr<scalar_t>(), nhwc, h.size(0) / 2, h.size(1), h.size(2) * h.size(3), g,
-        r.data_ptr<float>(), z.data_ptr<float>(), log_a.data_ptr<float>(), f);
+        h.const_data_ptr<scalar_t>(), nhwc, h.size(0) / 2, h.size(1), h.size(2) * h.size(3), r.data_ptr<float>(), f);
   });
-  return {r, z, log_a, features};
+  return {r, features};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_rscore_cpu(const at::Tensor& h, double mu, double sigma) {
-  auto [r, z, log_a, features] = pair_rscore_impl(h, mu, sigma, /*with_features=*/false);
-  return {r, z, log_a};
+at::Tensor pair_rscore_cpu(const at::Tensor& h) {
+  return std::get<0>(pair_rscore_impl(h, /*with_features=*/false));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_rscore_features_cpu(
-    const at::Tensor& h, double mu, double sigma) {
-  return pair_rscore_impl(h, mu, sigma, /*with_features=*/true);
+std::tuple<at::Tensor, at::Tensor> pair_rscore_features_cpu(const at::Tensor& h) {
+  return pair_rscore_impl(h, /*with_features=*/true);
 }
 
 }  // namespace

@@ -12,12 +12,12 @@
 
 namespace ama::cuda {
 
-// h [2B, C, H, W] (NCHW contiguous, or NHWC when nhwc) -> r, z, log_a [B]; features [2B, C] unless null.
+// h [2B, C, H, W] (NCHW contiguous, or NHWC when nhwc) -> r [B]; features [2B, C] unless null.
 // Instantiated for float, c10::Half and c10::BFloat16. pairs must be >= 1 and fit an int32 grid.
 template <typename scalar_t>
 cudaError_t launch_pair_rscore(
-    const scalar_t* h, bool nhwc, int64_t pairs, int64_t channels, int64_t hw, Gaussian g, float* r, float* z,
-    float* log_a, float* features, cudaStream_t stream);
+    const scalar_t* h, bool nhwc, int64_t pairs, int64_t channels, int64_t hw, float* r, float* features,
+    cudaStream_t stream);
 
 // Philox blocks (4 x 32 bits each) one row of shell_sample consumes: ceil(d / 4) for the
 // coordinates, one for the radius.

@@ -19,38 +19,33 @@
 namespace ama {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_rscore_impl(
-    const at::Tensor& h_in, double mu, double sigma, bool with_features) {
-  check_pair_rscore_args(h_in, mu, sigma);
+std::tuple<at::Tensor, at::Tensor> pair_rscore_impl(const at::Tensor& h_in, bool with_features) {
+  check_pair_rscore_args(h_in);
   TORCH_CHECK_VALUE(h_in.is_cuda(), "pair_rscore: CUDA kernel called with h on ", h_in.device());
   const c10::cuda::CUDAGuard guard(h_in.device());
-  auto [r, z, log_a, features] = allocate_pair_rscore_outputs(h_in, with_features);
+  auto [r, features] = allocate_pair_rscore_outputs(h_in, with_features);
   const int64_t pairs = h_in.size(0) / 2;
   if (pairs == 0) {
-    return {r, z, log_a, features};
+    return {r, features};
   }
   TORCH_CHECK(pairs <= std::numeric_limits<int32_t>::max(), "pair_rscore: too many pairs for one launch: ", pairs);
   const bool nhwc = reads_as_nhwc(h_in);
   const at::Tensor h = nhwc ? h_in : h_in.contiguous();
-  const Gaussian g(mu, sigma);
   float* f = with_features ? features.data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AMA_DISPATCH_RSCORE_TYPES(h.scalar_type(), "ama::pair_rscore (CUDA)", [&] {
     C10_CUDA_CHECK(cuda::launch_pair_rscore<scalar_t>(
-        h.const_data_ptr<scalar_t>(), nhwc, pairs, h.size(1), h.size(2) * h.size(3), g, r.data_ptr<float>(),
-        z.data_ptr<float>(), log_a.data_ptr<float>(), f, stream));
+        h.const_data_ptr<scalar_t>(), nhwc, pairs, h.size(1), h.size(2) * h.size(3), r.data_ptr<float>(), f, stream));
   });
-  return {r, z, log_a, features};
+  return {r, features};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_rscore_cuda(const at::Tensor& h, double mu, double sigma) {
-  auto [r, z, log_a, features] = pair_rscore_impl(h, mu, sigma, /*with_features=*/false);
-  return {r, z, log_a};
+at::Tensor pair_rscore_cuda(const at::Tensor& h) {
+  return std::get<0>(pair_rscore_impl(h, /*with_features=*/false));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_rscore_features_cuda(
-    const at::Tensor& h, double mu, double sigma) {
-  return pair_rscore_impl(h, mu, sigma, /*with_features=*/true);
+std::tuple<at::Tensor, at::Tensor> pair_rscore_features_cuda(const at::Tensor& h) {
+  return pair_rscore_impl(h, /*with_features=*/true);
 }
 
 at::Tensor shell_sample_cuda(

@@ -37,8 +37,7 @@ __device__ __forceinline__ float block_sum(float v) {
 // Contiguous [2B, C, H, W]: a warp per channel reads its H*W consecutive elements of both rows.
 template <typename scalar_t>
 __global__ void pair_rscore_nchw_kernel(
-    const scalar_t* __restrict__ h, int64_t pairs, int64_t channels, int64_t hw, Gaussian g, float* r, float* z,
-    float* log_a, float* features) {
+    const scalar_t* __restrict__ h, int64_t pairs, int64_t channels, int64_t hw, float* r, float* features) {
   const int64_t b = blockIdx.x;
   const int lane = threadIdx.x % kWarp;
   const int warps = blockDim.x / kWarp;
@@ -63,7 +62,7 @@ __global__ void pair_rscore_nchw_kernel(
   }
   dist = block_sum(lane == 0 ? dist : 0.f);
   if (threadIdx.x == 0) {
-    g.write(dist, r + b, z + b, log_a + b);
+    r[b] = dist;
   }
 }
 
@@ -71,8 +70,7 @@ __global__ void pair_rscore_nchw_kernel(
 // neighbouring channels, so every load is coalesced.
 template <typename scalar_t>
 __global__ void pair_rscore_nhwc_kernel(
-    const scalar_t* __restrict__ h, int64_t pairs, int64_t channels, int64_t hw, Gaussian g, float* r, float* z,
-    float* log_a, float* features) {
+    const scalar_t* __restrict__ h, int64_t pairs, int64_t channels, int64_t hw, float* r, float* features) {
   const int64_t b = blockIdx.x;
   const scalar_t* x = h + b * channels * hw;
   const scalar_t* y = h + (b + pairs) * channels * hw;
@@ -91,7 +89,7 @@ __global__ void pair_rscore_nhwc_kernel(
   }
   dist = block_sum(dist);
   if (threadIdx.x == 0) {
-    g.write(dist, r + b, z + b, log_a + b);
+    r[b] = dist;
   }
 }
 
@@ -99,19 +97,19 @@ __global__ void pair_rscore_nhwc_kernel(
 
 template <typename scalar_t>
 cudaError_t launch_pair_rscore(
-    const scalar_t* h, bool nhwc, int64_t pairs, int64_t channels, int64_t hw, Gaussian g, float* r, float* z,
-    float* log_a, float* features, cudaStream_t stream) {
+    const scalar_t* h, bool nhwc, int64_t pairs, int64_t channels, int64_t hw, float* r, float* features,
+    cudaStream_t stream) {
   // NCHW: a warp per channel, up to 8 warps; NHWC: a thread per channel, rounded up to whole warps.
   const int64_t wanted = nhwc ? channels : channels * kWarp;
   const int threads = static_cast<int>(std::clamp<int64_t>((wanted + kWarp - 1) / kWarp * kWarp, kWarp, kMaxThreads));
   const auto kernel = nhwc ? pair_rscore_nhwc_kernel<scalar_t> : pair_rscore_nchw_kernel<scalar_t>;
-  kernel<<<static_cast<unsigned>(pairs), threads, 0, stream>>>(h, pairs, channels, hw, g, r, z, log_a, features);
+  kernel<<<static_cast<unsigned>(pairs), threads, 0, stream>>>(h, pairs, channels, hw, r, features);
   return cudaGetLastError();
 }
 
 #define AMA_INSTANTIATE(T)                                                                                   \
   template cudaError_t launch_pair_rscore<T>(                                                                \
-      const T*, bool, int64_t, int64_t, int64_t, Gaussian, float*, float*, float*, float*, cudaStream_t);
+      const T*, bool, int64_t, int64_t, int64_t, float*, float*, cudaStream_t);
 AMA_INSTANTIATE(float)
 AMA_INSTANTIATE(c10::Half)
 AMA_INSTANTIATE(c10::BFloat16)
