@@ -48,6 +48,16 @@ def require(module: str, what: str):
             f"({type(exc).__name__}: {exc}); install it with: pip install 'ama-stream[{extra}]'") from None
 
 
+def add_runtime_options(parser) -> None:
+    """--runtime and --runtime-model, the same on every command that scores offline (calibrate, evaluate)."""
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="scoring runtime: torch (default), or onnxruntime / openvino on the CPU (the exported "
+                             "graph; extras ama-stream[onnx] / [openvino])")
+    parser.add_argument("--runtime-model", metavar="FILE",
+                        help="with --runtime onnxruntime/openvino: a graph written by ama-stream export (default: "
+                             "export the checkpoint's graph in memory)")
+
+
 def check_runtime(runtime: str) -> str:
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")

@@ -56,12 +56,15 @@ log = logging.getLogger(__name__)
 __all__ = ["Agent", "AgentStats"]
 
 
+def _cpu_threads(requested: int | None) -> int:
+    """The model's CPU threads; null = all cores but one (decoding and Kafka I/O run beside the model)."""
+    return requested if requested is not None else max(1, (os.cpu_count() or 1) - 1)
+
+
 def _set_torch_threads(requested: int | None, scorer: Scorer) -> None:
-    if requested is None:
-        if scorer.device.type != "cpu":
-            return  # the model runs on the GPU: torch's CPU threads hardly matter
-        requested = max(1, (os.cpu_count() or 1) - 1)
-    torch.set_num_threads(requested)
+    if requested is None and scorer.device.type != "cpu":
+        return  # the model runs on the GPU: torch's CPU threads hardly matter
+    torch.set_num_threads(_cpu_threads(requested))
 
 
 class Agent:
@@ -70,7 +73,7 @@ class Agent:
             if settings.checkpoint is None:
                 raise SettingsError("checkpoint: no checkpoint given (--checkpoint FILE or `checkpoint:` in the config)")
             scorer = Scorer(load_checkpoint(settings.checkpoint), settings.device, runtime=settings.runtime,
-                            runtime_threads=settings.torch_threads)
+                            runtime_threads=_cpu_threads(settings.torch_threads))
         self.settings, self.scorer = settings, scorer
         _set_torch_threads(settings.torch_threads, scorer)
         self._stop = threading.Event()

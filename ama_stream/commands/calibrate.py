@@ -22,7 +22,7 @@ from ama_stream.calibration import (
     CalibrationFitter,
     Policy,
 )
-from ama_stream.runtimes import RUNTIMES
+from ama_stream.runtimes import add_runtime_options
 
 log = logging.getLogger("ama_stream.calibrate")
 
@@ -56,12 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", metavar="DIR", help="where relative roots resolve (default: $AMA_DATA_ROOT)")
     parser.add_argument("--device", default="auto", metavar="D", help="auto, cpu or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="frames per scoring batch (default 256)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                        help="scoring runtime: torch (default), or onnxruntime / openvino on the CPU (the exported "
-                             "graph; extras ama-stream[onnx] / [openvino])")
-    parser.add_argument("--runtime-model", metavar="FILE",
-                        help="with --runtime onnxruntime/openvino: a graph written by ama-stream export (default: "
-                             "export the checkpoint's graph in memory)")
+    add_runtime_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the score sample and of the file split")
     parser.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka bootstrap servers (kafka:TOPIC, --publish)")
     parser.add_argument("--window-s", type=float, metavar="S",

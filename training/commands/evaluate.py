@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ama_stream.checkpoint import load_checkpoint
 from ama_stream.fileio import atomic_write_bytes
-from ama_stream.runtimes import RUNTIMES
+from ama_stream.runtimes import add_runtime_options
 from ama_stream.scoring import Scorer
 from ama_stream.settings import SettingsError, deep_merge, load_settings, parse_overrides
 from ama_stream.sources import parse_source, resolve_data_root
@@ -45,12 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of the test sampling (default: the training seed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                        help="scoring runtime: torch (default), or onnxruntime / openvino on the CPU (the exported "
-                             "graph; extras ama-stream[onnx] / [openvino])")
-    p.add_argument("--runtime-model", metavar="FILE",
-                        help="with --runtime onnxruntime/openvino: a graph written by ama-stream export (default: "
-                             "export the checkpoint's graph in memory)")
+    add_runtime_options(p)
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--plots", metavar="DIR", help="write the report there: R-score densities (the paper's Fig. 4), "
                                                   "ROC and PR curves, reconstructions and report.html")
