@@ -244,3 +244,21 @@ def quantize_onnx_int8(source: str | os.PathLike, out: str | os.PathLike, images
             entry.key, entry.value = key, value
         onnx.save(proto, str(out))
     return out
+
+
+def export_onnx_int8(checkpoint: Checkpoint, out: str | os.PathLike, images: np.ndarray,
+                     input_kind: str = "float") -> list[Path]:
+    """The ONNX graph quantized to INT8 (quantize_onnx_int8), calibrated on `images`: known-normal images
+    already fitted to the model size (uint8 [N, S, S, C]). ONNX Runtime and OpenVINO both run the result.
+    Measured on the Fashion-MNIST preset: AUROC change < 0.002 (docs/benchmarks.md)."""
+    from .preprocess import to_tensor
+
+    require("onnxruntime", "INT8 quantization")
+    if len(images) == 0:
+        raise ValueError("INT8 quantization needs normal images to calibrate on; the source gave none")
+    inputs = images if input_kind == "uint8" else to_tensor(images).numpy()
+    out = Path(out)
+    _check_out(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(checkpoint, Path(tmp) / "fp32.onnx", input_kind)[0]
+        return [quantize_onnx_int8(fp32, out, inputs)]

@@ -288,3 +288,27 @@ def test_int8_quantized_graph_runs_and_keeps_its_metadata(checkpoint, images, ex
     r = scorer.score_fitted(images).r
     want = torch_scores(checkpoint, images).r
     assert np.isfinite(r).all() and np.corrcoef(r, want)[0, 1] > 0.9  # INT8: close, not equal
+
+
+@needs("onnxruntime")
+def test_export_int8_from_the_command_line(cli, checkpoint, images, data_root, tmp_path):
+    """`export --int8 SOURCE` calibrates on normal images from SOURCE and writes a graph both runtimes
+    take; it refuses the IR format and an empty source with one line."""
+    out = tmp_path / "int8.onnx"
+    code, stdout, err = cli("export", "--checkpoint", checkpoint, "--format", "onnx", "--out", out,
+                            "--int8", "idx:fashion-mnist", "--int8-images", 64, "--data-root", data_root)
+    assert code == 0, err
+    assert str(out) in stdout
+    scorer = Scorer(checkpoint, "cpu", runtime="onnxruntime", runtime_model=str(out))
+    assert scorer.graph.metadata["quantized"] == "int8"
+    r, want = scorer.score_fitted(images).r, torch_scores(checkpoint, images).r
+    assert np.isfinite(r).all() and np.corrcoef(r, want)[0, 1] > 0.9
+    code, _, err = cli("export", "--checkpoint", checkpoint, "--format", "openvino", "--out", tmp_path / "m.xml",
+                       "--int8", "idx:fashion-mnist", "--data-root", data_root)
+    assert code == 1 and "use --format onnx" in _one_error_line(err)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = cli("export", "--checkpoint", checkpoint, "--format", "onnx", "--out", tmp_path / "e.onnx",
+                       "--int8", f"folder:{empty}")
+    assert code == 1 and _one_error_line(err)
+    assert not (tmp_path / "e.onnx").exists() and not (tmp_path / "m.xml").exists()
