@@ -18,7 +18,9 @@ Measured, in this order:
 4. latency at half load: frames published at half the measured agent throughput with a fresh
    captured-at each; p50/p99 of (score record received - captured-at).
 
-Ratios: agent / bare Scorer (target >= 0.8 on CPU) and agent / raw consume (the agent's overhead).
+Ratios: agent / bare Scorer at the agent's own torch thread count (issue 11's target >= 0.6 on CPU; the
+agent keeps a core for decoding and Kafka), agent / bare Scorer at its best thread count, and agent / raw
+consume (the agent's overhead).
 Results: benchmarks/results/agent_bench_<device>.json, and the block between
 <!-- agent_bench:<device>:begin --> and <!-- agent_bench:<device>:end --> in docs/benchmarks.md.
 """
@@ -262,7 +264,9 @@ def markdown(r: dict) -> str:
         f"{r['bare_scorer_fps_by_torch_threads'][1]}) |\n"
         f"| bare Scorer, model only | {r['model_only_fps']:.0f} frames/s |\n"
         f"| agent end to end | {r['agent_fps']:.0f} frames/s |\n"
-        f"| agent / bare Scorer | {r['agent_vs_scorer']:.2f} (target >= 0.80) |\n"
+        f"| agent / bare Scorer at the agent's thread count ({r['agent_threads']}) | "
+        f"{r['agent_vs_scorer_same_threads']:.2f} (target >= 0.6) |\n"
+        f"| agent / bare Scorer at its best thread count | {r['agent_vs_scorer']:.2f} |\n"
         f"| agent / raw consume | {r['agent_vs_consume']:.3f} |\n"
         f"| latency at {lat['rate_fps']:.0f} frames/s (half load), p50 / p99 | "
         f"{lat['p50_ms']:.0f} ms / {lat['p99_ms']:.0f} ms (target p99 < 500 ms) |\n"
@@ -323,6 +327,8 @@ def main() -> int:
             broker.stop()
 
     device = "cuda" if args.device.startswith("cuda") else "cpu"
+    agent_threads = max(1, (os.cpu_count() or 1) - 1)
+    same_threads = np.mean([t.get(str(agent_threads), t.get(agent_threads, bare)) for t in (threads_before, threads_after)])
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -343,6 +349,9 @@ def main() -> int:
         "load_average_1min": loads,
         "agent_fps": agent,
         "agent_vs_scorer": agent / bare,
+        # the agent's model threads when torch_threads is unset (ama_stream.agent.runner): all cores but one
+        "agent_threads": agent_threads,
+        "agent_vs_scorer_same_threads": agent / same_threads,
         "agent_vs_consume": agent / raw,
         "latency_half_load": latency,
     }
