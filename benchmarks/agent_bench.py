@@ -269,7 +269,7 @@ def markdown(r: dict) -> str:
         f"| agent / bare Scorer at its best thread count | {r['agent_vs_scorer']:.2f} |\n"
         f"| agent / raw consume | {r['agent_vs_consume']:.3f} |\n"
         f"| latency at {lat['rate_fps']:.0f} frames/s (half load), p50 / p99 | "
-        f"{lat['p50_ms']:.0f} ms / {lat['p99_ms']:.0f} ms (target p99 < 500 ms) |\n"
+        f"{lat['p50_ms']:.0f} ms / {lat['p99_ms']:.0f} ms (target p99 < 250 ms) |\n"
     )
 
 
