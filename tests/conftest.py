@@ -60,3 +60,32 @@ def tmp_image_tree(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+# A tiny AMA (the Fashion-MNIST CPU preset narrowed to widths 4-8) trained for 20 steps on real images.
+TINY_MODEL = ["model.nz=8", "model.enc_width=4", "model.gen_width=8", "model.disc_width=8", "train.batch_size=32",
+              "train.log_every=10", "train.fit_max_images=256", "train.max_steps=20", "device=cpu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, data_root) -> Path:
+    """model.pt of a tiny AMA trained for 20 steps on 1024 Fashion-MNIST training images (test set: 64
+    Fashion-MNIST test images + 16 MNIST digits); shared by the tests that only need some real model."""
+    from ama_stream.preprocess import PreprocessSpec
+    from ama_stream.settings import load_settings, parse_overrides
+    from ama_stream.sources import load_images, parse_source
+    from training.config import TrainConfig
+    from training.datasets import EvalSet, ProtocolData
+    from training.trainer import train
+
+    spec = PreprocessSpec(32, 1)
+    train_split = load_images(parse_source("idx:fashion-mnist").with_split("train"), data_root, spec)
+    test_split = load_images(parse_source("idx:fashion-mnist").with_split("test"), data_root, spec)
+    mnist = load_images(parse_source("idx:mnist").with_split("test"), data_root, spec)
+    test = EvalSet(np.concatenate([test_split.images[:64], mnist.images[:16]]), np.array([0] * 64 + [1] * 16), ())
+    data = ProtocolData(train_split.images[:1024], train_split.ids[:1024], EvalSet(test.images[:0], test.labels[:0], ()),
+                        test)
+    preset = Path(__file__).resolve().parents[1] / "configs" / "fmnist_vs_mnist_cpu.yaml"
+    out = tmp_path_factory.mktemp("tiny-model")
+    train(load_settings(TrainConfig, preset, parse_overrides(TINY_MODEL)), out_dir=out, data=data)
+    return out / "model.pt"

@@ -15,14 +15,8 @@ from ama_stream.cli import main
 from ama_stream.preprocess import PreprocessSpec
 from ama_stream.scoring import Scorer
 from ama_stream.sources import load_images, parse_source
-from ama_stream.settings import load_settings, parse_overrides
-from training.config import TrainConfig
-from training.datasets import EvalSet, ProtocolData
-from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.nz=8", "model.enc_width=4", "model.gen_width=8", "model.disc_width=8", "train.batch_size=32",
-        "train.log_every=10", "train.fit_max_images=256", "train.max_steps=20", "device=cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +28,8 @@ def fmnist(data_root):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, fmnist, data_root) -> Path:
-    """A tiny AMA trained for 20 steps on Fashion-MNIST (the calibration guarantees hold for any model)."""
-    train_split, test_split = fmnist
-    mnist = load_images(parse_source("idx:mnist").with_split("test"), data_root, PreprocessSpec(32, 1))
-    test = EvalSet(np.concatenate([test_split.images[:64], mnist.images[:16]]), np.array([0] * 64 + [1] * 16), ())
-    data = ProtocolData(train_split.images[:1024], train_split.ids[:1024], EvalSet(test.images[:0], test.labels[:0], ()), test)
-    cfg = load_settings(TrainConfig, REPO / "configs" / "fmnist_vs_mnist_cpu.yaml", parse_overrides(TINY))
-    out = tmp_path_factory.mktemp("model")
-    train(cfg, out_dir=out, data=data)
-    return out / "model.pt"
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture

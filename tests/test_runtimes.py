@@ -17,15 +17,10 @@ from ama_stream.cli import main
 from ama_stream.preprocess import PreprocessSpec
 from ama_stream.runtimes import GRAPH_RUNTIMES, RUNTIMES, RuntimeUnavailable
 from ama_stream.scoring import Scorer
-from ama_stream.settings import load_settings, parse_overrides
+from ama_stream.settings import load_settings
 from ama_stream.sources import load_images, parse_source
-from training.config import TrainConfig
-from training.datasets import EvalSet, ProtocolData
-from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.nz=8", "model.enc_width=4", "model.gen_width=8", "model.disc_width=8", "train.batch_size=32",
-        "train.log_every=10", "train.fit_max_images=256", "train.max_steps=20", "device=cpu"]
 PACKAGES = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino", "onnx", "onnxscript")}
 
 
@@ -53,18 +48,8 @@ def images(data_root) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, data_root) -> Path:
-    """A tiny AMA trained for 20 steps on real Fashion-MNIST."""
-    spec = PreprocessSpec(32, 1)
-    train_split = load_images(parse_source("idx:fashion-mnist").with_split("train"), data_root, spec)
-    mnist = load_images(parse_source("idx:mnist").with_split("test"), data_root, spec)
-    test = EvalSet(np.concatenate([train_split.images[-64:], mnist.images[:16]]), np.array([0] * 64 + [1] * 16), ())
-    data = ProtocolData(train_split.images[:1024], train_split.ids[:1024], EvalSet(test.images[:0], test.labels[:0], ()),
-                        test)
-    cfg = load_settings(TrainConfig, REPO / "configs" / "fmnist_vs_mnist_cpu.yaml", parse_overrides(TINY))
-    out = tmp_path_factory.mktemp("model")
-    train(cfg, out_dir=out, data=data)
-    return out / "model.pt"
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture
