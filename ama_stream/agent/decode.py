@@ -2,7 +2,8 @@
 
 `FrameDecoder` is a pure function of a batch (no state besides its configuration); `DecodeStage`
 runs it on a worker thread so the next batches decode while the run loop scores this one, and
-hands the decoded batches back in poll order.
+hands the decoded batches back in poll order. Each batch is decoded by the decoder it was
+submitted with: the one of the model in force at that moment (reload.Model), which the batch keeps.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ class DecodedBatch:
     size: int  # frames in the batch, decodable or not
     decode_s: float
     misfit: FitTally | None = None  # frames that did not fit the model as they were (size, channels)
+    model: Any = None  # reload.Model: the model in force when the batch went to the decoder; it scores and decides it
 
 
 def positions(records) -> dict[TopicPartition, int]:
@@ -122,8 +124,7 @@ class FrameDecoder:
 class DecodeStage:
     """Decodes polled batches on one worker thread, `ahead` at most waiting, returned in poll order."""
 
-    def __init__(self, decoder: FrameDecoder, ahead: int):
-        self.decoder = decoder
+    def __init__(self, ahead: int):
         self.ahead = ahead
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ama-decode")
         self._pending: deque[Future[DecodedBatch]] = deque()
@@ -132,8 +133,9 @@ class DecodeStage:
         """Batches submitted and not yet taken back."""
         return len(self._pending)
 
-    def submit(self, batch: PolledBatch) -> None:
-        self._pending.append(self._pool.submit(self.decoder, batch))
+    def submit(self, batch: PolledBatch, decode: Callable[[PolledBatch], DecodedBatch]) -> None:
+        """`decode`: a FrameDecoder, or the model in force's `decode` (reload.Model)."""
+        self._pending.append(self._pool.submit(decode, batch))
 
     def decoded(self, wait: bool) -> Iterator[DecodedBatch]:
         """The decoded batches in poll order: those finished, and more while `ahead` are waiting;

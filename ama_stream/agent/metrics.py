@@ -55,6 +55,11 @@ class AgentMetrics:
         self.ready = Gauge("ama_ready", "1 when the agent is connected and scoring", registry=r)
         self.commit_stalls = Counter("ama_commit_stalls", "Times frames waited while no commit moved for "
                                      "metrics.commit_stall_s (readiness went to 0)", registry=r)
+        self.model = Gauge("ama_model_info", "1 for the model in force", ["model_id"], registry=r)
+        self.model_reloads = Counter(
+            "ama_model_reloads", "New models (checkpoint + calibration) seen while running, by where they came from "
+            "and the outcome (loaded, refused, unchanged)", ["source", "result"], registry=r,
+        )
         self.calibration = Gauge("ama_calibration_info", "1 for the calibration in force",
                                  ["calibration_id", "policy"], registry=r)
         self.calibration_reloads = Counter(

@@ -219,20 +219,20 @@ class OutMessage:
 
 class RecordBuilder:
     """A scored batch -> its messages: per scored frame a score record (if the scores topic is on)
-    and, for an anomaly, the same record on the alerts topic; per rejected frame a dead letter."""
+    and, for an anomaly, the same record on the alerts topic; per rejected frame a dead letter.
+    `model_id` and `calibration_id` are those of the model that scored the batch (reload.Model)."""
 
-    def __init__(self, topics: "TopicsSection", model_id: str):
+    def __init__(self, topics: "TopicsSection"):
         self.scores = topics.scores
         self.alerts = topics.alerts
         self.dead_letter = topics.dead_letter
-        self.model_id = model_id
 
-    def build(self, result: "ScoredBatch", calibration_id: str, scored_at: int) -> list[OutMessage]:
+    def build(self, result: "ScoredBatch", model_id: str, calibration_id: str, scored_at: int) -> list[OutMessage]:
         out: list[OutMessage] = []
         for f in result.scored:
             record = score_record(
                 f.meta, r_score=f.r, z=f.z, log_a=f.log_a, p_value=f.p_value, anomaly=f.anomaly,
-                threshold=f.threshold, model_id=self.model_id, calibration_id=calibration_id, scored_at=scored_at,
+                threshold=f.threshold, model_id=model_id, calibration_id=calibration_id, scored_at=scored_at,
             )
             value, headers = encode_record(record), record_headers(f.meta)
             # if the broker refuses the record, the frame is dead-lettered (headers only) instead;

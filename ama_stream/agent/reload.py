@@ -1,88 +1,234 @@
-"""New calibrations for a running agent: a changed calibration file, or a document on a control topic.
+"""The model in force -- a Scorer with the Calibration that decides its R-scores -- and how a
+running agent replaces it: a new calibration, or a new model (checkpoint + calibration pair).
 
 The run loop asks for updates between batches (every `calibration_check_s`) and swaps the one
-calibration object that scores all batches, so a batch is decided by one calibration only and no
-frame is skipped or scored twice. Anything that fails validation comes back as a refused Update:
-the agent logs it, counts it, and keeps the calibration in force.
+`Model` object that the next batches are decoded, scored and decided with: each batch carries the
+model in force when it went to the decoder, so a batch is fitted to, scored by and decided under
+one model and one calibration only, and no frame is skipped or scored twice. Anything that fails
+validation is refused: the agent logs it, counts it, and keeps the model in force.
 
-- File: a new version is noticed by its (device, inode, size, mtime) changing; `ama-stream
-  calibrate` replaces the file atomically (new inode). A writer that rewrites it in place may be
-  caught half-way: that read is refused, and the finished file (new size/mtime) is read next time.
+- Calibration file: a new version is noticed by its (device, inode, size, mtime) changing;
+  `ama-stream calibrate` replaces the file atomically (new inode). A writer that rewrites it in
+  place may be caught half-way: that read is refused, and the finished file is read next time.
+  It is parsed on the loop thread (a calibration is small) and must name the model in force.
+- Checkpoint file (`model_reload: true`): a new version, noticed the same way (`ama-stream train`
+  writes atomically too), is loaded together with the calibration file -- or, when the agent has
+  no calibration file, with the checkpoint's own statistics: a new model always comes with the
+  same kind of decision rule the agent started with, never with the old model's calibration.
 - Control topic (`topics.calibration`): each message value is a calibration JSON document, as
-  written by `ama-stream calibrate`. Read outside any consumer group, from the end of the topic
-  at start-up (only calibrations published while the agent runs), or from its beginning when the
-  topic appears later. A message whose key names another model id is skipped (one topic can serve
-  agents of several models); any other message is validated against this agent's model.
+  written by `ama-stream calibrate`, or a model message naming a checkpoint + calibration pair
+  (`{"format": "ama-stream/model", "version": 1, "checkpoint": PATH, "calibration": PATH}`).
+  Read outside any consumer group, from the end of the topic at start-up (only messages published
+  while the agent runs), or from its beginning when the topic appears later. A message whose key
+  names another model id is skipped (one topic can serve agents of several models); any other
+  message is validated against this agent's model.
+
+A new model is loaded off the loop thread (`ModelLoader` on one loader thread: checkpoint,
+calibration, Scorer, a FrameDecoder for its input, a warm-up batch); the loop only swaps in a
+model that is ready, and never waits for one.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
+import torch
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from ama_stream.calibration import Calibration, CalibrationError, load_calibration, parse_calibration
+from ama_stream.checkpoint import Checkpoint, load_checkpoint
 
+from .decode import DecodedBatch, FrameDecoder, PolledBatch
+from .frames import FrameLimits
 from .kafka_io import build_client, describe
 from .settings import AgentSettings
 
 log = logging.getLogger(__name__)
 
+MODEL_FORMAT = "ama-stream/model"
+MODEL_MESSAGE_VERSION = 1
+MAX_MODEL_MESSAGE_BYTES = 64 * 1024  # a model message names two paths; larger values are calibrations
+_MODEL_KEYS = {"format", "version", "checkpoint", "calibration"}
+
+
+# --------------------------------------------------------------------------- what switches
+
+
+@dataclass(frozen=True)
+class Model:
+    """The model in force: the Scorer, the Calibration that decides its R-scores, and the
+    FrameDecoder that fits frames to its input (size, channels). Immutable: a swap replaces it."""
+
+    scorer: Any  # Scorer, or anything with spec, device, model_id and r_scores (tests)
+    calibration: Calibration
+    decoder: FrameDecoder
+    origin: str = ""  # where it was loaded from, for logs
+
+    @property
+    def model_id(self) -> str:
+        return self.scorer.model_id
+
+    def with_calibration(self, calibration: Calibration) -> "Model":
+        return replace(self, calibration=calibration)
+
+    def decode(self, batch: PolledBatch) -> DecodedBatch:
+        """Decodes a batch for this model (on the decode thread); the batch keeps the model, which
+        scores and decides it even if another one is swapped in meanwhile."""
+        decoded = self.decoder(batch)
+        decoded.model = self
+        return decoded
+
+    def describe(self) -> str:
+        spec = self.scorer.spec
+        return f"input {spec.image_size}x{spec.image_size}x{spec.channels} on {self.scorer.device}"
+
 
 @dataclass(frozen=True)
 class Update:
+    """A new calibration for the model in force."""
+
     source: str  # "file" or "topic" (the metric label)
     origin: str  # the file, or TOPIC[PARTITION]@OFFSET
     calibration: Calibration | None  # None: refused
     error: str = ""
 
 
+@dataclass(frozen=True)
+class ModelRequest:
+    """A new model to load: a checkpoint and the calibration that goes with it."""
+
+    source: str  # "file" or "topic" (the metric label)
+    origin: str  # the checkpoint file, or TOPIC[PARTITION]@OFFSET
+    checkpoint: Path | None
+    calibration: Path | None  # None: the checkpoint's own statistics (|z| > 3)
+    signature: tuple | None = None  # file requests: ModelFiles.signatures() when the change was seen
+    error: str = ""  # refused before loading (a malformed message)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What the loader made of a ModelRequest."""
+
+    model: Model | None = None  # a new model, ready (warmed up)
+    calibration: Calibration | None = None  # the checkpoint is the model in force: only this may be new
+    error: str = ""  # refused
+
+
+# --------------------------------------------------------------------------- the files
+
+
 def _signature(path: Path) -> tuple[int, int, int, int] | None:
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return None
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-class CalibrationFile:
-    """The agent's calibration file: loaded at start-up (errors are fatal then), watched afterwards."""
+class ModelFiles:
+    """The agent's calibration file and, with `model_reload`, its checkpoint file: watched for new versions.
 
-    def __init__(self, path: str | os.PathLike, model_id: str, check_every_s: float):
-        self.path = Path(path)
-        self.model_id = model_id
+    A changed calibration alone is an Update for the model in force. A checkpoint that differs from
+    the one the model in force was loaded from is a ModelRequest for the pair on disk (also when
+    the change seen is the calibration's: after a refused pair, the second file of the pair
+    arriving retries it). A refused request is not retried until one of the files changes again."""
+
+    def __init__(self, checkpoint: str | os.PathLike | None, calibration: str | os.PathLike | None,
+                 check_every_s: float):
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None  # None: not watched
+        self.calibration = Path(calibration) if calibration is not None else None
         self.check_every_s = check_every_s
-        self._signature = _signature(self.path)  # before reading: a change after it is seen by the next check
-        self.initial = load_calibration(self.path, model_id)
+        self._seen = self.signatures()  # before reading: a change after it is seen by the next check
+        self._model = self._seen[1]  # the checkpoint version the model in force came from
         self._next_check = time.monotonic() + check_every_s
 
-    def check(self, now: float) -> Update | None:
+    def signatures(self) -> tuple:
+        """(calibration, checkpoint) signatures. The calibration is looked at first: a pair swapped
+        in one step (a directory symlink) between the two looks like a new checkpoint with the old
+        calibration, and the switch, seeing the files changed while they loaded, loads them again."""
+        return (_signature(self.calibration) if self.calibration is not None else None,
+                _signature(self.checkpoint) if self.checkpoint is not None else None)
+
+    def initial_calibration(self, model_id: str) -> Calibration | None:
+        """The calibration file at start-up (errors are fatal then), or None without one."""
+        return load_calibration(self.calibration, model_id) if self.calibration is not None else None
+
+    def check(self, now: float, model_id: str) -> Update | ModelRequest | None:
         if now < self._next_check:
             return None
         self._next_check = now + self.check_every_s
-        signature = _signature(self.path)
-        if signature == self._signature:
+        seen = self.signatures()
+        if seen == self._seen:
             return None
-        self._signature = signature
-        if signature is None:
-            return Update("file", str(self.path), None, f"{self.path}: the calibration file is gone or unreadable")
+        self._seen = seen
+        if self.checkpoint is not None and seen[1] != self._model:
+            return ModelRequest("file", str(self.checkpoint), self.checkpoint, self.calibration, signature=seen)
+        if self.calibration is None:
+            return None
+        path = self.calibration
+        if seen[0] is None:
+            return Update("file", str(path), None, f"{path}: the calibration file is gone or unreadable")
         try:
-            return Update("file", str(self.path), load_calibration(self.path, self.model_id))
+            return Update("file", str(path), load_calibration(path, model_id))
         except CalibrationError as exc:
-            return Update("file", str(self.path), None, str(exc))
+            return Update("file", str(path), None, str(exc))
+
+    def model_loaded(self, signature: tuple) -> None:
+        """The pair seen with `signature` is now in force."""
+        self._model = signature[1]
+
+
+# --------------------------------------------------------------------------- the control topic
+
+
+def model_message(value: bytes, origin: str) -> ModelRequest | None:
+    """The ModelRequest of a model message, one refused with the reason if the message is
+    malformed, or None when `value` is not a model message (then it is a calibration document)."""
+    if len(value) > MAX_MODEL_MESSAGE_BYTES:
+        return None
+    try:
+        payload = json.loads(value.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        return None
+
+    def refused(why: str) -> ModelRequest:
+        return ModelRequest("topic", origin, None, None, error=f"{origin}: model message {why}")
+
+    if payload.get("version") != MODEL_MESSAGE_VERSION:
+        return refused(f"version {payload.get('version')!r} is not supported (expected {MODEL_MESSAGE_VERSION})")
+    unknown = payload.keys() - _MODEL_KEYS
+    if unknown:
+        return refused(f"has unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    paths: dict[str, Path | None] = {}
+    for key in ("checkpoint", "calibration"):
+        value_ = payload.get(key)
+        if value_ is None and key == "calibration":
+            paths[key] = None
+            continue
+        if not isinstance(value_, str) or not value_ or "\0" in value_ or not os.path.isabs(value_):
+            return refused(f"needs `{key}` as an absolute path on the agent's host, got {value_!r}")
+        paths[key] = Path(value_)
+    return ModelRequest("topic", origin, paths["checkpoint"], paths["calibration"])
 
 
 class ControlTopic:
-    """Calibration documents from a Kafka topic, read with manual assignment (no group, no commits)."""
+    """Calibration documents and model messages from a Kafka topic, read with manual assignment
+    (no group, no commits)."""
 
-    def __init__(self, settings: AgentSettings, model_id: str):
+    def __init__(self, settings: AgentSettings):
         self.topic = settings.topics.calibration
-        self.model_id = model_id
         self.check_every_s = settings.calibration_check_s
         config = {**settings.consumer, **settings.kafka.client_config()}
         for group_only in ("session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms", "auto_offset_reset"):
@@ -111,7 +257,8 @@ class ControlTopic:
         self._assigned = True
         log.info("reading calibrations from topic %s (%d partitions)", self.topic, len(parts))
 
-    def check(self, now: float) -> list[Update]:
+    def check(self, now: float, model_id: str) -> list[Update | ModelRequest]:
+        """New messages for an agent of model `model_id`, in the order they were published."""
         if now < self._next_check:
             return []
         self._next_check = now + self.check_every_s
@@ -124,15 +271,20 @@ class ControlTopic:
         except KafkaError as exc:
             log.warning("reading the calibration topic %s failed (%s); retrying", self.topic, describe(exc))
             return []
-        updates = []
+        updates: list[Update | ModelRequest] = []
         for record in sorted((r for records in polled.values() for r in records), key=lambda r: r.timestamp):
             origin = f"{record.topic}[{record.partition}]@{record.offset}"
             key = record.key.decode("utf-8", "replace") if record.key else None
-            if key is not None and key != self.model_id:
-                log.debug("skipping calibration %s: keyed for model %s", origin, key)
+            if key is not None and key != model_id:
+                log.debug("skipping control message %s: keyed for model %s", origin, key)
+                continue
+            value = record.value or b""
+            request = model_message(value, origin)
+            if request is not None:
+                updates.append(request)
                 continue
             try:
-                updates.append(Update("topic", origin, parse_calibration(record.value or b"", self.model_id, origin)))
+                updates.append(Update("topic", origin, parse_calibration(value, model_id, origin)))
             except CalibrationError as exc:
                 updates.append(Update("topic", origin, None, str(exc)))
         return updates
@@ -144,42 +296,118 @@ class ControlTopic:
             log.warning("closing the calibration topic consumer failed: %s", exc)
 
 
-class CalibrationSwitch:
-    """The calibration in force, and the one place that swaps it.
+# --------------------------------------------------------------------------- loading a model
 
-    The run loop calls `check(now)` between batches; it reads the file and the control topic (set
-    later, once the broker is reachable) and swaps in each valid new calibration. `current` is read
-    once per batch, so a batch is decided by one calibration only."""
 
-    def __init__(self, calibration: Calibration, model_id: str, metrics, file: CalibrationFile | None = None):
-        self.current = calibration
-        self.model_id = model_id
+def warm_up(scorer, batch: int) -> None:
+    """One batch of gray frames through the model: the first real batch pays no lazy set-up, and
+    a model that cannot score (diverged weights, device out of memory) is refused before the swap."""
+    spec = scorer.spec
+    r = np.asarray(scorer.r_scores(torch.zeros(batch, spec.channels, spec.image_size, spec.image_size),
+                                   batch_size=batch))
+    if len(r) != batch or not np.all(np.isfinite(r)):
+        raise ValueError(f"warm-up: the model gave {len(r)} R-scores for {batch} gray frames, "
+                         f"{int(np.sum(~np.isfinite(r)))} of them not finite (diverged weights?)")
+
+
+class ModelLoader:
+    """Makes the model a ModelRequest names; runs on the loader thread, never raises.
+
+    In order, cheapest first: the checkpoint (validated), the calibration (it must name the
+    checkpoint's model_id; none named: the checkpoint's statistics), the Scorer (the agent's device,
+    runtime and threads), a FrameDecoder for its input size and channels, and a warm-up batch."""
+
+    def __init__(self, make_scorer: Callable[[Checkpoint], Any], limits: FrameLimits, warm_batch: int):
+        self.make_scorer = make_scorer
+        self.limits = limits
+        self.warm_batch = warm_batch
+
+    def __call__(self, request: ModelRequest, current_model_id: str) -> Loaded:
+        try:
+            checkpoint = load_checkpoint(request.checkpoint)
+            calibration = (load_calibration(request.calibration, checkpoint.model_id)
+                           if request.calibration is not None else Calibration.from_checkpoint(checkpoint))
+            if checkpoint.model_id == current_model_id:  # same weights (rewritten, touched): no new Scorer
+                return Loaded(calibration=calibration if request.calibration is not None else None)
+            scorer = self.make_scorer(checkpoint)
+            warm_up(scorer, self.warm_batch)
+            return Loaded(Model(scorer, calibration, FrameDecoder(scorer, self.limits), request.origin))
+        except Exception as exc:  # noqa: BLE001 - whatever fails, the request is refused and the old model kept
+            return Loaded(error=str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
+
+
+# --------------------------------------------------------------------------- the switch
+
+
+class ModelSwitch:
+    """The model in force, and the one place that swaps it.
+
+    The run loop calls `check(now)` between batches; it reads the files and the control topic (set
+    later, once the broker is reachable), swaps in each valid new calibration, hands new models to
+    the loader thread one at a time and swaps in a model once it is loaded. `current` is read once
+    per batch, when the batch goes to the decoder. `loader` None: model reload is off, and model
+    messages are refused."""
+
+    def __init__(self, model: Model, metrics, files: ModelFiles | None = None,
+                 loader: Callable[[ModelRequest, str], Loaded] | None = None, needs_calibration: bool = False):
+        self.current = model
         self.metrics = metrics
-        self.file = file
+        self.files = files
+        self.loader = loader
+        self.needs_calibration = needs_calibration  # a new model must name its calibration (the agent has a file)
         self.control_topic: ControlTopic | None = None
+        self._queue: deque[ModelRequest] = deque()
+        self._loading: tuple[ModelRequest, Future[Loaded]] | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._show()
+
+    @property
+    def model_id(self) -> str:
+        return self.current.model_id
+
+    @property
+    def busy(self) -> bool:
+        """A model is loading or waiting to."""
+        return self._loading is not None or bool(self._queue)
 
     def use(self, calibration: Calibration) -> None:
         """Swap the decision rule; takes effect from the next batch (any thread may call this)."""
         if calibration.model_id and calibration.model_id != self.model_id:
             raise ValueError(f"calibration is for model {calibration.model_id}, the agent scores with {self.model_id}")
-        self.current = calibration
+        self.current = self.current.with_calibration(calibration)
+
+    def request(self, request: ModelRequest) -> None:
+        """A new model to load (run loop thread); refused at once if it cannot be admitted."""
+        if not request.error:
+            if self.loader is None:
+                request = replace(request, error="model reload is off (set model_reload: true to swap models)")
+            elif request.calibration is None and self.needs_calibration:
+                request = replace(request, error="the agent decides with a calibration file; a new model needs its "
+                                                 "own calibration (name `calibration` in the model message)")
+        if request.error:
+            self._refuse(request, request.error)
+        else:
+            self._queue.append(request)
 
     def check(self, now: float) -> None:
-        updates: list[Update] = []
-        if self.file is not None:
-            update = self.file.check(now)
-            if update is not None:
-                updates.append(update)
+        self._collect()
+        if self.files is not None and self._loading is None:  # the files are not read while a model loads
+            self._take(self.files.check(now, self.model_id))
         if self.control_topic is not None:
-            updates.extend(self.control_topic.check(now))
-        for update in updates:
-            self.apply(update)
+            for item in self.control_topic.check(now, self.model_id):
+                self._take(item)
+        self._start_next()
 
+    def close(self) -> None:
+        """Waits for a model being loaded (it is dropped) and stops the loader thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- calibrations ---------------------------------------------------------------------------
     def apply(self, update: Update) -> None:
         """Swaps in a valid new calibration; a refused one is logged and counted, the old one stays."""
         counter = self.metrics.calibration_reloads
-        old = self.current
+        old = self.current.calibration
         if update.calibration is None:
             counter.labels(source=update.source, result="refused").inc()
             log.error("new calibration from %s refused, keeping %s: %s", update.origin, old.calibration_id, update.error)
@@ -202,7 +430,66 @@ class CalibrationSwitch:
                  "%d camera entries", old.calibration_id, new.calibration_id, update.origin, new.policy.describe(),
                  rule.threshold, rule.expected_fpr, len(new.cameras))
 
+    # -- models ---------------------------------------------------------------------------------
+    def _take(self, item: Update | ModelRequest | None) -> None:
+        if isinstance(item, Update):
+            self.apply(item)
+        elif item is not None:
+            self.request(item)
+
+    def _start_next(self) -> None:
+        if self._loading is not None or not self._queue:
+            return
+        request = self._queue.popleft()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ama-model-load")
+        log.info("loading a new model from %s (checkpoint %s, calibration %s)", request.origin, request.checkpoint,
+                 request.calibration or "the checkpoint's statistics")
+        self._loading = (request, self._pool.submit(self.loader, request, self.model_id))
+
+    def _collect(self) -> None:
+        """A finished load: the model swapped in, or the refusal counted."""
+        if self._loading is None or not self._loading[1].done():
+            return
+        request, future = self._loading
+        self._loading = None
+        try:
+            loaded = future.result()
+        except Exception as exc:  # noqa: BLE001 - a loader that raised after all
+            loaded = Loaded(error=f"{type(exc).__name__}: {exc}")
+        if request.signature is not None and self.files is not None and self.files.signatures() != request.signature:
+            log.info("%s or its calibration changed while the model loaded; loading them again", request.origin)
+            return  # not counted: the next check sees the change and requests the pair as it is now
+        if loaded.error:
+            self._refuse(request, loaded.error)
+            return
+        if request.signature is not None and self.files is not None:
+            self.files.model_loaded(request.signature)
+        if loaded.model is None:
+            self.metrics.model_reloads.labels(source=request.source, result="unchanged").inc()
+            log.info("model from %s is the one in force (%s)", request.origin, self.model_id)
+            if loaded.calibration is not None:
+                self.apply(Update(request.source, request.origin, loaded.calibration))
+            return
+        self._swap(loaded.model, request)
+
+    def _swap(self, model: Model, request: ModelRequest) -> None:
+        old = self.current
+        self.current = model
+        self.metrics.model_reloads.labels(source=request.source, result="loaded").inc()
+        self._show()
+        log.info("model %s -> %s from %s: %s; calibration %s -> %s (%s)", old.model_id, model.model_id, request.origin,
+                 model.describe(), old.calibration.calibration_id, model.calibration.calibration_id,
+                 model.calibration.policy.describe())
+
+    def _refuse(self, request: ModelRequest, error: str) -> None:
+        self.metrics.model_reloads.labels(source=request.source, result="refused").inc()
+        log.error("new model from %s refused, keeping model %s with calibration %s: %s", request.origin,
+                  self.model_id, self.current.calibration.calibration_id, error)
+
     def _show(self) -> None:
+        self.metrics.model.clear()
+        self.metrics.model.labels(model_id=self.model_id).set(1)
         self.metrics.calibration.clear()
-        self.metrics.calibration.labels(calibration_id=self.current.calibration_id,
-                                        policy=self.current.policy.name).set(1)
+        self.metrics.calibration.labels(calibration_id=self.current.calibration.calibration_id,
+                                        policy=self.current.calibration.policy.name).set(1)

@@ -4,9 +4,11 @@
 named steps, and a frame's path reads straight down it:
 
     poll      MicroBatcher       consumer.poll() into a buffer (batcher.py)
-    decode    DecodeStage        a full or expired buffer is decoded on a worker thread (decode.py)
-    reload    CalibrationSwitch  a new calibration swaps in between batches (reload.py)
-    score     score_batch        R from the Scorer, decisions from the Calibration (score.py)
+    reload    ModelSwitch        the model in force (Scorer + Calibration): a new calibration, or a new
+                                 model loaded on the loader thread, swaps in between batches (reload.py)
+    decode    DecodeStage        a full or expired buffer is decoded for the model in force, which the
+                                 batch keeps, on a worker thread (decode.py)
+    score     score_batch        R from the batch's Scorer, decisions from its Calibration (score.py)
               RecordBuilder      score records, alerts, dead letters (records.py)
               Outbox             published and acknowledged on the publish thread (outbox.py)
     finish                       acknowledged batches come back: offsets done, metrics, drift
@@ -47,7 +49,7 @@ from .outbox import Outbox
 from .probe import LagProbe
 from .publish import Publisher
 from .records import RecordBuilder
-from .reload import CalibrationFile, CalibrationSwitch, ControlTopic
+from .reload import ControlTopic, Model, ModelFiles, ModelLoader, ModelSwitch
 from .score import ScoredBatch, score_batch
 from .settings import AgentSettings
 
@@ -69,26 +71,28 @@ def _set_torch_threads(requested: int | None, scorer: Scorer) -> None:
 
 class Agent:
     def __init__(self, settings: AgentSettings, scorer: Scorer | None = None, calibration: Calibration | None = None):
+        self.settings = settings
+        # the files given in the settings are watched for new versions (hot reload between batches);
+        # their signatures are taken before they are read
+        files = ModelFiles(settings.checkpoint if settings.model_reload else None, settings.calibration,
+                           settings.calibration_check_s)
         if scorer is None:
             if settings.checkpoint is None:
                 raise SettingsError("checkpoint: no checkpoint given (--checkpoint FILE or `checkpoint:` in the config)")
-            scorer = Scorer(load_checkpoint(settings.checkpoint), settings.device, runtime=settings.runtime,
-                            runtime_threads=_cpu_threads(settings.torch_threads))
-        self.settings, self.scorer = settings, scorer
+            scorer = self._make_scorer(load_checkpoint(settings.checkpoint))
         _set_torch_threads(settings.torch_threads, scorer)
         self._stop = threading.Event()
         self.metrics = AgentMetrics()
         self.health = Health(settings.metrics.stall_s)
         self.readiness = Readiness(self.health, self.metrics, self._stop, settings.metrics.commit_stall_s)
-        # a file given in the settings is watched for new versions (hot reload between batches)
-        file = (CalibrationFile(settings.calibration, scorer.model_id, settings.calibration_check_s)
-                if settings.calibration is not None else None)
-        initial = calibration or (file.initial if file is not None else Calibration.from_checkpoint(scorer.checkpoint))
-        self.calibrations = CalibrationSwitch(initial, scorer.model_id, self.metrics, file)
-        self.drift = drift_monitor(settings, initial)
+        initial = calibration or files.initial_calibration(scorer.model_id) or Calibration.from_checkpoint(scorer.checkpoint)
         lim = settings.limits
-        self.decoder = FrameDecoder(scorer, FrameLimits(lim.max_frame_bytes, lim.max_pixels, lim.max_batch_pixels))
-        self.records = RecordBuilder(settings.topics, scorer.model_id)
+        limits = FrameLimits(lim.max_frame_bytes, lim.max_pixels, lim.max_batch_pixels)
+        loader = ModelLoader(self._make_scorer, limits, settings.batching.max_batch) if settings.model_reload else None
+        self.models = ModelSwitch(Model(scorer, initial, FrameDecoder(scorer, limits), str(settings.checkpoint or "")),
+                                  self.metrics, files, loader, needs_calibration=settings.calibration is not None)
+        self.drift = drift_monitor(settings, initial)
+        self.records = RecordBuilder(settings.topics)
         self.stats = AgentStats()
         self.accounting = Accounting(self.metrics, self.stats)
         self.drift_watch = DriftWatch(self.drift, self.metrics)
@@ -108,16 +112,25 @@ class Agent:
         self._stop.set()
 
     @property
+    def model(self) -> Model:
+        """The model in force: the next batch to decode is decoded, scored and decided with it."""
+        return self.models.current
+
+    @property
+    def scorer(self) -> Scorer:
+        return self.models.current.scorer
+
+    @property
     def calibration(self) -> Calibration:
-        return self.calibrations.current
+        return self.models.current.calibration
 
     def use_calibration(self, calibration: Calibration) -> None:
         """Swap the decision rule; takes effect from the next batch (any thread may call this)."""
-        self.calibrations.use(calibration)
+        self.models.use(calibration)
 
     @property
     def control_topic(self) -> ControlTopic | None:
-        return self.calibrations.control_topic
+        return self.models.control_topic
 
     # -- lifecycle -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -162,18 +175,19 @@ class Agent:
             return False
         self.consumer = self.committer.consumer = consumer
         stack.callback(_close, "consumer", consumer.close, autocommit=False, timeout_ms=5000)
-        self.decoding = DecodeStage(self.decoder, s.batching.decode_ahead)
+        self.decoding = DecodeStage(s.batching.decode_ahead)
         stack.callback(self.decoding.close)
+        stack.callback(self.models.close)  # the model loader thread, if a model was loaded
         self.batcher = MicroBatcher(consumer, s.batching.max_batch, s.batching.max_wait_ms / 1000, s.max_frames,
                                     epoch=self.committer.epoch)
         self.probe = LagProbe(consumer, self.committer, self.metrics, self.readiness, s.retry.lag_every_s)
         consumer.subscribe([s.topics.frames], listener=self.committer.listener())
         if s.topics.calibration:
-            control = connect_with_retry(lambda: ControlTopic(s, self.scorer.model_id),
-                                         "calibration topic consumer", s.kafka, s.retry, self._stop)
+            control = connect_with_retry(lambda: ControlTopic(s), "calibration topic consumer", s.kafka, s.retry,
+                                         self._stop)
             if control is None:
                 return False
-            self.calibrations.control_topic = control
+            self.models.control_topic = control
             stack.callback(control.close)
         return True
 
@@ -183,8 +197,8 @@ class Agent:
             self.health.beat()
             got = self.batcher.poll(busy=len(self.decoding) > 0)
             now = time.monotonic()
+            self.models.check(now)  # between batches: each batch is decoded, scored and decided by one model
             self._decode()
-            self.calibrations.check(now)  # between batches: each batch is decided by one calibration
             self._score(wait=not got)
             self._finish()
             self.committer.commit()
@@ -205,16 +219,16 @@ class Agent:
         """A full or expired buffer goes to the decode thread."""
         batch = self.batcher.take(force)
         if batch is not None:
-            self.decoding.submit(batch)
+            self.decoding.submit(batch, self.models.current.decode)  # the batch keeps the model in force
 
     def _score(self, wait: bool) -> None:
         """Decoded batches are scored, turned into records and handed to the publish thread."""
         for batch in self.decoding.decoded(wait):
             if self.outbox.gave_up:
                 continue  # behind an unacknowledged batch: stays uncommitted, read again
-            calibration = self.calibration  # one decision rule per batch, even if swapped meanwhile
-            scored = score_batch(self.scorer, calibration, batch)
-            messages = self.records.build(scored, calibration.calibration_id, int(time.time() * 1000))
+            model, calibration = batch.model, batch.model.calibration  # one model per batch, even if swapped meanwhile
+            scored = score_batch(model.scorer, calibration, batch)
+            messages = self.records.build(scored, model.model_id, calibration.calibration_id, int(time.time() * 1000))
             self.outbox.submit((batch, calibration, scored), messages)
 
     def _finish(self) -> None:
@@ -247,6 +261,11 @@ class Agent:
         return False
 
     # -- helpers -------------------------------------------------------------------------------
+    def _make_scorer(self, checkpoint) -> Scorer:
+        """A Scorer with the agent's device, runtime and threads (at start-up and on the model loader thread)."""
+        s = self.settings
+        return Scorer(checkpoint, s.device, runtime=s.runtime, runtime_threads=_cpu_threads(s.torch_threads))
+
     def _connect_producer(self) -> KafkaProducer | None:
         s = self.settings
         return connect_with_retry(lambda: make_producer(s.kafka, s.producer, s.retry.connect_timeout_s), "producer",

@@ -101,7 +101,7 @@ class TopicsSection(Section):
     scores: str | None = "scores"  # one record per frame; null disables
     alerts: str = "alerts"  # the score record of anomalous frames only
     dead_letter: str = "frames-dlq"  # undecodable or refused frames, with an error header
-    calibration: str | None = None  # control topic carrying calibration JSON documents; null disables
+    calibration: str | None = None  # control topic carrying calibration documents and (model_reload) model messages; null disables
 
     @field_validator("frames", "alerts", "dead_letter", "scores", "calibration")
     @classmethod
@@ -202,7 +202,11 @@ class AgentSettings(AmaSettings):
     torch_threads: int | None = Field(None, ge=1)
     checkpoint: Path | None = None  # model.pt to score with (required to serve)
     calibration: Path | None = None  # calibration JSON from `ama-stream calibrate`, watched for changes; none: the checkpoint's |z| > 3
-    calibration_check_s: float = Field(1.0, gt=0)  # how often the calibration file and control topic are checked
+    calibration_check_s: float = Field(1.0, gt=0)  # how often the calibration file, checkpoint file and control topic are checked
+    # swap models while running: a new version of the checkpoint file (with the calibration file, or
+    # without one the checkpoint's own statistics), or a model message on the control topic; loaded and
+    # warmed off the loop, swapped between batches, refused if its calibration is for another model
+    model_reload: bool = False
     drift: DriftSection = DriftSection()
     max_frames: int | None = Field(None, ge=1)  # stop after this many frames were handled
     idle_exit_s: float | None = Field(None, gt=0)  # stop after this long without a frame

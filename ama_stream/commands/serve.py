@@ -15,6 +15,7 @@ _FLAGS = {
     "bootstrap": "kafka.bootstrap_servers",
     "checkpoint": "checkpoint",
     "calibration": "calibration",
+    "model_reload": "model_reload",
     "frames_topic": "topics.frames",
     "scores_topic": "topics.scores",
     "alerts_topic": "topics.alerts",
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka bootstrap servers, comma-separated")
     parser.add_argument("--checkpoint", metavar="FILE", help="model checkpoint to score with")
     parser.add_argument("--calibration", metavar="FILE", help="calibration file (default: the checkpoint's statistics)")
+    parser.add_argument("--model-reload", action="store_true", default=None,
+                        help="swap in a new version of the checkpoint file (with its calibration) or a model named on "
+                             "the control topic without a restart (docs/operations.md)")
     parser.add_argument("--frames-topic", metavar="T", help="topic to read frames from")
     parser.add_argument("--scores-topic", metavar="T", help="topic for one score record per frame ('' disables)")
     parser.add_argument("--alerts-topic", metavar="T", help="topic for the records of anomalous frames")

@@ -144,6 +144,23 @@ def random_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def tiny_checkpoint(path: Path, seed: int, image_size: int = 32, channels: int = 1) -> Path:
+    """A tiny untrained model at `path` (weights from `seed`): its own model_id per seed and input."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(image_size=image_size, channels=channels, nz=16, enc_width=8, gen_width=8, disc_width=8)
+    ckpt = Checkpoint(model=cfg, preprocess=PreprocessSpec(image_size, channels), state_dict=AMA(cfg).state_dict(),
+                      mu=0.0, sigma=1.0)
+    save_checkpoint(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tmp_path_factory) -> Path:
+    """Another tiny untrained model, for model swaps: other weights and another input (16x16 RGB)
+    than random_checkpoint, so another model_id and frames fitted differently."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "other.pt", seed=1, image_size=16, channels=3)
+
+
 def random_items(n: int, prefix: str, seed: int = 0) -> list[FeedItem]:
     rng = np.random.default_rng(seed)
     return [FeedItem(f"{prefix}-{i:05d}", rng.integers(0, 256, (28, 28), dtype=np.uint8), False, f"rand#{i}")

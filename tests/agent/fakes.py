@@ -26,22 +26,28 @@ def png(level: int, size: int = 28) -> bytes:
 
 class FakeScorer:
     """The Scorer's face as the agent uses it: spec, device, model_id, r_scores. R = mean pixel in
-    [-1, 1]; `fail(inputs)` may raise to make a batch (or a frame) fail."""
+    [-1, 1] plus `offset`; `fail(inputs)` may raise to make a batch (or a frame) fail. Like the
+    Scorer, it refuses inputs of another size or channel count than its spec."""
 
-    def __init__(self, fail: Callable[[torch.Tensor], None] | None = None, nan_above: float | None = None):
-        self.spec = PreprocessSpec(32, 1)
+    def __init__(self, fail: Callable[[torch.Tensor], None] | None = None, nan_above: float | None = None,
+                 model_id: str = "fake-model", spec: PreprocessSpec = PreprocessSpec(32, 1), offset: float = 0.0):
+        self.spec = spec
         self.device = torch.device("cpu")
-        self.model_id = "fake-model"
+        self.model_id = model_id
         self.checkpoint = SimpleNamespace(model_id=self.model_id)
         self.fail = fail
         self.nan_above = nan_above
+        self.offset = offset
         self.calls: list[int] = []
 
     def r_scores(self, x, batch_size: int = 256, desc=None) -> np.ndarray:
         self.calls.append(len(x))
+        expected = (self.spec.channels, self.spec.image_size, self.spec.image_size)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected input [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}")
         if self.fail is not None:
             self.fail(x)
-        r = x.double().mean(dim=(1, 2, 3)).numpy()
+        r = x.double().mean(dim=(1, 2, 3)).numpy() + self.offset
         if self.nan_above is not None:
             r = np.where(r > self.nan_above, np.nan, r)
         return r

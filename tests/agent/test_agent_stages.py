@@ -137,10 +137,10 @@ def test_frame_decoder_with_nothing_decodable_has_no_input():
 
 
 def test_decode_stage_returns_batches_in_poll_order_and_all_of_them_when_asked():
-    stage = DecodeStage(FrameDecoder(FakeScorer(), FrameLimits()), ahead=2)
+    stage, decoder = DecodeStage(ahead=2), FrameDecoder(FakeScorer(), FrameLimits())
     try:
         for i in range(3):
-            stage.submit(PolledBatch([record(offset=i, value=png(i))], epoch=0))
+            stage.submit(PolledBatch([record(offset=i, value=png(i))], epoch=0), decoder)
         out = list(stage.decoded(wait=True))
         assert [b.frames[0].offset for b in out] == [0, 1, 2] and len(stage) == 0
     finally:
@@ -234,7 +234,7 @@ def test_record_builder_writes_a_score_record_per_frame_alerts_for_anomalies_and
     rejected = Rejected(FrameMeta.from_record(record(offset=7, key=None, headers=[("x", b"y")])), None, "empty",
                         "empty: the frame has no value")
     batch = ScoredBatch(scored=[_scored(1, False), _scored(2, True)], rejected=[rejected])
-    out = RecordBuilder(topics, "model-1").build(batch, "cal-1", scored_at=555)
+    out = RecordBuilder(topics).build(batch, "model-1", "cal-1", scored_at=555)
     assert [m.topic for m in out] == ["scores", "scores", "alerts", "dlq"]
     rec = json.loads(out[1].value)
     assert rec == {"schema": SCORE_SCHEMA, "frame_id": "f", "camera_id": "cam-1", "topic": "frames", "partition": 0,
@@ -255,9 +255,9 @@ def test_record_builder_writes_a_score_record_per_frame_alerts_for_anomalies_and
 
 def test_record_builder_without_a_scores_topic_gives_the_alert_the_fallback():
     topics = TopicsSection(frames="frames", scores=None, alerts="alerts", dead_letter="dlq")
-    out = RecordBuilder(topics, "m").build(ScoredBatch(scored=[_scored(1, False), _scored(2, True)]), "c", 1)
+    out = RecordBuilder(topics).build(ScoredBatch(scored=[_scored(1, False), _scored(2, True)]), "m", "c", 1)
     assert [m.topic for m in out] == ["alerts"] and out[0].fallback.topic == "dlq"
-    nan = RecordBuilder(topics, "m").build(ScoredBatch(scored=[_scored(99, True)]), "c", 1)
+    nan = RecordBuilder(topics).build(ScoredBatch(scored=[_scored(99, True)]), "m", "c", 1)
     assert json.loads(nan[0].value)["z"] is None  # never invalid JSON
 
 
@@ -265,5 +265,5 @@ def test_record_builder_without_a_scores_topic_gives_the_alert_the_fallback():
 def test_record_builder_keeps_a_rejected_frames_value(value):
     rejected = Rejected(FrameMeta.from_record(record(offset=3, key=b"cam")), value, "undecodable", "undecodable: x")
     topics = TopicsSection(frames="frames", dead_letter="dlq")
-    (dl,) = RecordBuilder(topics, "m").build(ScoredBatch(rejected=[rejected]), "c", 1)
+    (dl,) = RecordBuilder(topics).build(ScoredBatch(rejected=[rejected]), "m", "c", 1)
     assert dl.value == value and dl.key == b"cam"

@@ -1,0 +1,349 @@
+"""The model switch without a broker: loading off the loop, swaps between batches, refusals, the
+watched checkpoint + calibration pair, model messages, the real ModelLoader on tiny checkpoints,
+and the whole loop on fakes swapping to a model with another input size mid-stream."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ama_stream.agent import runner as runner_module  # noqa: F401 - monkeypatched by _agent_on_fakes
+from ama_stream.agent.decode import FrameDecoder
+from ama_stream.agent.frames import FrameLimits
+from ama_stream.agent.metrics import AgentMetrics
+from ama_stream.agent.reload import (
+    Loaded,
+    Model,
+    ModelFiles,
+    ModelLoader,
+    ModelRequest,
+    ModelSwitch,
+    model_message,
+)
+from ama_stream.calibration import Calibration, Policy, fit_calibration, load_calibration
+from ama_stream.checkpoint import load_checkpoint, save_checkpoint
+from ama_stream.fileio import atomic_write_bytes
+from ama_stream.preprocess import PreprocessSpec
+from ama_stream.scoring import Scorer
+
+from .conftest import wait_for
+from .fakes import FakeScorer
+from .test_agent_delivery import F0, F1, _agent_on_fakes, _frames
+
+
+def calibration_for(model_id: str, mu: float = 0.0, seed: int = 0) -> Calibration:
+    r = np.random.default_rng(seed).normal(mu, 0.05, 200)
+    return fit_calibration(r, model_id, Policy("two-sided", 0.05), source={"spec": f"test {seed}"})
+
+
+def fake_model(model_id: str, calibration: Calibration | None = None, spec=PreprocessSpec(32, 1),
+               offset: float = 0.0) -> Model:
+    scorer = FakeScorer(model_id=model_id, spec=spec, offset=offset)
+    return Model(scorer, calibration or calibration_for(model_id), FrameDecoder(scorer, FrameLimits()), model_id)
+
+
+def text_loader(request: ModelRequest, current_model_id: str) -> Loaded:
+    """ModelLoader's contract on fakes: a "checkpoint" file holds its model id as text; the
+    calibration is a real calibration file, checked against that id."""
+    try:
+        model_id = request.checkpoint.read_text().strip()
+        calibration = load_calibration(request.calibration, model_id) if request.calibration else None
+    except Exception as exc:  # noqa: BLE001
+        return Loaded(error=str(exc))
+    if model_id == current_model_id:
+        return Loaded(calibration=calibration)
+    return Loaded(fake_model(model_id, calibration))
+
+
+def count(metrics: AgentMetrics, result: str, source: str, name: str = "ama_model_reloads_total") -> float:
+    return metrics.registry.get_sample_value(name, {"source": source, "result": result}) or 0.0
+
+
+def settle(switch: ModelSwitch) -> None:
+    """check() until no model is loading or waiting to (the loader thread finishes on its own)."""
+    def idle() -> bool:
+        switch.check(time.monotonic())
+        return not switch.busy
+    wait_for(idle, 60, "the model switch to settle")
+
+
+@pytest.fixture
+def switches():
+    made: list[ModelSwitch] = []
+
+    def make(*args, **kwargs) -> ModelSwitch:
+        made.append(ModelSwitch(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for switch in made:
+        switch.close()
+
+
+# --------------------------------------------------------------------------- the switch
+
+
+def test_a_model_loads_off_the_loop_thread_and_swaps_in_at_a_later_check(switches):
+    release, loader_threads = threading.Event(), []
+    new = fake_model("model-b")
+
+    def slow_loader(request, current_model_id):
+        loader_threads.append(threading.current_thread().name)
+        assert current_model_id == "model-a"
+        release.wait(30)
+        return Loaded(new)
+
+    metrics = AgentMetrics()
+    switch = switches(fake_model("model-a"), metrics, loader=slow_loader)
+    switch.request(ModelRequest("topic", "t[0]@1", Path("/models/b.pt"), None))
+    switch.check(time.monotonic())  # hands it to the loader thread
+    switch.check(time.monotonic())  # returns at once: the load is still running
+    assert switch.busy and switch.model_id == "model-a"
+    release.set()
+    settle(switch)
+    assert switch.current is new and loader_threads[0].startswith("ama-model-load")
+    assert count(metrics, "loaded", "topic") == 1
+    assert metrics.registry.get_sample_value("ama_model_info", {"model_id": "model-b"}) == 1
+    assert metrics.registry.get_sample_value("ama_model_info", {"model_id": "model-a"}) is None
+    info = {"calibration_id": new.calibration.calibration_id, "policy": "two-sided"}
+    assert metrics.registry.get_sample_value("ama_calibration_info", info) == 1
+
+
+def test_refused_models_are_counted_and_the_model_in_force_stays(switches, caplog):
+    metrics = AgentMetrics()
+    old = fake_model("model-a")
+    failing = switches(old, metrics, loader=lambda request, current: Loaded(error="boom: no such checkpoint file"),
+                       needs_calibration=True)
+    failing.request(ModelRequest("topic", "t[0]@1", Path("/models/b.pt"), Path("/models/b.json")))
+    failing.request(ModelRequest("topic", "t[0]@2", Path("/models/b.pt"), None))  # the agent has a calibration file
+    failing.request(ModelRequest("topic", "t[0]@3", None, None, error="t[0]@3: model message is malformed"))
+    settle(failing)
+    assert failing.current is old and count(metrics, "refused", "topic") == 3
+    assert "new model from t[0]@1 refused, keeping model model-a" in caplog.text and "boom" in caplog.text
+    assert "a new model needs its own calibration" in caplog.text
+    off = switches(old, AgentMetrics(), loader=None)  # model_reload: false
+    off.request(ModelRequest("topic", "t[0]@4", Path("/models/b.pt"), Path("/models/b.json")))
+    assert off.current is old and count(off.metrics, "refused", "topic") == 1
+    assert "model reload is off" in caplog.text
+
+
+def test_the_model_in_force_again_only_brings_its_calibration(switches):
+    metrics = AgentMetrics()
+    old, recalibrated = fake_model("model-a"), calibration_for("model-a", seed=5)
+    switch = switches(old, metrics, loader=lambda request, current: Loaded(calibration=recalibrated))
+    switch.request(ModelRequest("topic", "t[0]@1", Path("/models/a.pt"), Path("/models/a2.json")))
+    settle(switch)
+    assert switch.current.scorer is old.scorer and switch.current.calibration is recalibrated
+    assert count(metrics, "unchanged", "topic") == 1
+    assert count(metrics, "ok", "topic", "ama_calibration_reloads_total") == 1
+
+
+def test_calibrations_follow_the_model_in_force(switches):
+    switch = switches(fake_model("model-a"), AgentMetrics(), loader=lambda request, current: Loaded(fake_model("model-b")))
+    with pytest.raises(ValueError, match="calibration is for model model-b, the agent scores with model-a"):
+        switch.use(calibration_for("model-b"))
+    switch.request(ModelRequest("topic", "t[0]@1", Path("/models/b.pt"), None))
+    settle(switch)
+    switch.use(calibration_for("model-b", seed=3))
+    assert switch.current.calibration.model_id == "model-b"
+
+
+# --------------------------------------------------------------------------- the watched pair
+
+
+def write_pair(folder: Path, model_id: str, calibration: Calibration | None = None) -> None:
+    folder.mkdir(exist_ok=True)
+    atomic_write_bytes(folder / "model.pt", model_id.encode())
+    if calibration is not None:
+        atomic_write_bytes(folder / "calibration.json", calibration.to_json_bytes())
+
+
+def test_a_new_checkpoint_before_its_calibration_is_refused_once_then_loaded_with_it(switches, tmp_path):
+    """Two files replaced one after the other: a check between the two sees a checkpoint whose
+    calibration is still the old model's (refused, counted); the calibration arriving retries the pair."""
+    cal_a, cal_b = calibration_for("model-a"), calibration_for("model-b", seed=1)
+    write_pair(tmp_path, "model-a", cal_a)
+    files = ModelFiles(tmp_path / "model.pt", tmp_path / "calibration.json", check_every_s=0)
+    metrics = AgentMetrics()
+    switch = switches(fake_model("model-a", files.initial_calibration("model-a")), metrics, files, text_loader,
+                      needs_calibration=True)
+    settle(switch)
+    assert not count(metrics, "refused", "file") and not count(metrics, "loaded", "file")
+    write_pair(tmp_path, "model-b")  # the checkpoint first
+    settle(switch)
+    assert switch.model_id == "model-a" and count(metrics, "refused", "file") == 1
+    settle(switch)  # not retried while nothing changes
+    assert count(metrics, "refused", "file") == 1
+    atomic_write_bytes(tmp_path / "calibration.json", cal_b.to_json_bytes())  # then its calibration
+    settle(switch)
+    assert (switch.model_id, switch.current.calibration.calibration_id) == ("model-b", cal_b.calibration_id)
+    assert count(metrics, "loaded", "file") == 1
+    recalibrated = calibration_for("model-b", seed=2)  # afterwards a calibration alone is one for the new model
+    atomic_write_bytes(tmp_path / "calibration.json", recalibrated.to_json_bytes())
+    settle(switch)
+    assert switch.current.calibration.calibration_id == recalibrated.calibration_id
+    assert count(metrics, "ok", "file", "ama_calibration_reloads_total") == 1
+    assert count(metrics, "loaded", "file") == 1 and count(metrics, "refused", "file") == 1
+
+
+def test_a_pair_swapped_by_a_directory_symlink_while_loading_is_loaded_again_not_refused(switches, tmp_path, caplog):
+    write_pair(tmp_path / "v1", "model-a", calibration_for("model-a"))
+    write_pair(tmp_path / "v2", "model-b", calibration_for("model-b", seed=1))
+    write_pair(tmp_path / "v3", "model-c", calibration_for("model-c", seed=2))
+    current = tmp_path / "current"
+    current.symlink_to("v1")
+
+    def swap(to: str) -> None:
+        (tmp_path / "next").symlink_to(to)
+        (tmp_path / "next").replace(current)  # one rename: both files change at once
+
+    release, started = threading.Event(), threading.Event()
+
+    def slow_text_loader(request, current_model_id):
+        started.set()
+        release.wait(30)
+        return text_loader(request, current_model_id)
+
+    files = ModelFiles(current / "model.pt", current / "calibration.json", check_every_s=0)
+    metrics = AgentMetrics()
+    switch = switches(fake_model("model-a", files.initial_calibration("model-a")), metrics, files, slow_text_loader,
+                      needs_calibration=True)
+    swap("v2")
+    switch.check(time.monotonic())
+    assert started.wait(30)
+    swap("v3")  # while v2 loads
+    release.set()
+    settle(switch)
+    assert switch.model_id == "model-c" and count(metrics, "loaded", "file") == 1
+    assert "changed while the model loaded; loading them again" in caplog.text
+    assert not count(metrics, "refused", "file") and not count(metrics, "refused", "file", "ama_calibration_reloads_total")
+
+
+# --------------------------------------------------------------------------- model messages
+
+
+def test_model_messages_are_parsed_and_malformed_ones_refused_with_the_reason():
+    ok = model_message(json.dumps({"format": "ama-stream/model", "version": 1, "checkpoint": "/m/b.pt",
+                                   "calibration": "/m/b.json"}).encode(), "t[0]@1")
+    assert (ok.source, ok.checkpoint, ok.calibration, ok.error) == ("topic", Path("/m/b.pt"), Path("/m/b.json"), "")
+    no_cal = model_message(b'{"format": "ama-stream/model", "version": 1, "checkpoint": "/m/b.pt"}', "o")
+    assert no_cal.calibration is None and not no_cal.error
+    for payload, reason in [
+        ({"version": 1, "checkpoint": "models/b.pt"}, "absolute path"),
+        ({"version": 1, "checkpoint": "/m/b.pt", "calibration": 3}, "`calibration` as an absolute path"),
+        ({"version": 1}, "`checkpoint`"),
+        ({"version": 2, "checkpoint": "/m/b.pt"}, "version 2 is not supported"),
+        ({"version": 1, "checkpoint": "/m/b.pt", "weights": "x"}, "unknown field(s) weights"),
+    ]:
+        refused = model_message(json.dumps({"format": "ama-stream/model", **payload}).encode(), "t[0]@9")
+        assert refused.error.startswith("t[0]@9: model message") and reason in refused.error, payload
+    calibration = calibration_for("model-a").to_json_bytes()
+    for other in (calibration, b"not json", b"[" * 100_000, b'{"format": "ama-stream/model"' + b" " * 70_000 + b"}"):
+        assert model_message(other, "o") is None  # a calibration document (or garbage) for parse_calibration
+
+
+# --------------------------------------------------------------------------- the real loader
+
+
+def test_the_model_loader_builds_a_warmed_model_for_its_own_input_and_refuses_bad_pairs(
+        random_checkpoint, other_checkpoint, tmp_path):
+    old_id, new = load_checkpoint(random_checkpoint).model_id, load_checkpoint(other_checkpoint)
+    warm_calls = []
+
+    def make_scorer(checkpoint):
+        scorer = Scorer(checkpoint, "cpu")
+        original = scorer.r_scores
+        scorer.r_scores = lambda x, batch_size=256, desc=None: warm_calls.append(tuple(x.shape)) or original(x, batch_size)
+        return scorer
+
+    loader = ModelLoader(make_scorer, FrameLimits(), warm_batch=4)
+    cal = tmp_path / "other.json"
+    calibration_for(new.model_id).save(cal)
+    loaded = loader(ModelRequest("file", "f", other_checkpoint, cal), old_id)
+    assert not loaded.error and loaded.model.model_id == new.model_id
+    assert loaded.model.calibration.model_id == new.model_id and loaded.model.decoder.spec == PreprocessSpec(16, 3)
+    assert warm_calls == [(4, 3, 16, 16)]  # warmed with one batch of its own input
+    own = loader(ModelRequest("file", "f", other_checkpoint, None), old_id)
+    assert own.model.calibration.calibration_id == f"checkpoint:{new.model_id}"  # no calibration file: its own statistics
+    same = loader(ModelRequest("file", "f", random_checkpoint, None), old_id)
+    assert same.model is None and same.calibration is None and not same.error
+
+    wrong = tmp_path / "wrong.json"
+    calibration_for(old_id).save(wrong)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    diverged = load_checkpoint(random_checkpoint)
+    first = next(iter(diverged.state_dict))
+    diverged.state_dict = {**diverged.state_dict, first: torch.full_like(diverged.state_dict[first], float("nan"))}
+    nan_path = tmp_path / "nan.pt"
+    save_checkpoint(diverged, nan_path)
+    for request, reason in [
+        (ModelRequest("file", "f", other_checkpoint, wrong), f"calibration is for model {old_id}, not for this "
+                                                             f"checkpoint's model {new.model_id}"),
+        (ModelRequest("file", "f", corrupt, None), "not a readable checkpoint"),
+        (ModelRequest("file", "f", tmp_path / "missing.pt", None), "no such checkpoint file"),
+        (ModelRequest("file", "f", nan_path, None), "warm-up: the model gave 4 R-scores for 4 gray frames, 4 of them not finite"),
+    ]:
+        result = loader(request, old_id)
+        assert result.model is None and reason in result.error, (request.checkpoint, result.error)
+
+
+# --------------------------------------------------------------------------- the whole loop on fakes
+
+
+def test_the_loop_swaps_to_a_model_with_another_input_between_batches_scoring_each_frame_once(monkeypatch):
+    """A swap from a 32x32 gray model to a 16x16 RGB one while batches decoded for the old input are
+    in flight: each batch is scored by the model it was decoded for (a fake scorer refuses other
+    inputs, which would dead-letter the frames), records name that model, nothing is lost or doubled."""
+    new_scorer = FakeScorer(model_id="fake-model-2", spec=PreprocessSpec(16, 3), offset=10.0)
+    new = Model(new_scorer, calibration_for("fake-model-2", mu=9.0), FrameDecoder(new_scorer, FrameLimits()), "b")
+    loaded = threading.Event()
+    agent = None
+
+    def loader(request, current_model_id):
+        loaded.set()
+        return Loaded(new)
+
+    def swap_mid_stream(n, consumer):
+        if n == 3:
+            agent.models.request(ModelRequest("topic", "test", Path("/models/b.pt"), None))
+        if n == 4:
+            assert loaded.wait(30)  # the swap happens at this turn's check, with frames still to come
+
+    records = {F0: _frames(0, 24), F1: _frames(1, 24)}
+    agent, consumer, producer = _agent_on_fakes(monkeypatch, records, before_poll=swap_mid_stream, max_frames=48,
+                                                model_reload=True)
+    old_calibration = agent.calibration
+    agent.models.loader = loader
+    assert agent.run() == 0
+    assert [m for m in producer.acked if m[0] == "dlq"] == []
+    scores = [json.loads(value) for topic, _, value, _ in producer.acked if topic == "scores"]
+    assert sorted((s["partition"], s["offset"]) for s in scores) == sorted((p, i) for p in (0, 1) for i in range(24))
+    pairs = {"fake-model": old_calibration.calibration_id, "fake-model-2": new.calibration.calibration_id}
+    by_partition = defaultdict(list)
+    for s in sorted(scores, key=lambda s: (s["partition"], s["offset"])):
+        assert s["calibration_id"] == pairs[s["model_id"]]
+        assert (s["r_score"] > 5) == (s["model_id"] == "fake-model-2")  # the named model scored it
+        by_partition[s["partition"]].append(s["model_id"])
+    for ids in by_partition.values():
+        switch = ids.index("fake-model-2")
+        assert switch > 0 and set(ids[:switch]) == {"fake-model"} and set(ids[switch:]) == {"fake-model-2"}
+    assert agent.scorer is new_scorer and count(agent.metrics, "loaded", "topic") == 1
+    assert consumer.committed == {F0: 24, F1: 24}
+
+
+def test_serve_flag_model_reload():
+    import argparse
+
+    from ama_stream.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    assert serve.build_overrides(parser.parse_args(["--model-reload"]))["model_reload"] is True
+    assert "model_reload" not in serve.build_overrides(parser.parse_args([]))
