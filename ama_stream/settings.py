@@ -180,7 +180,7 @@ TOOL_ENV = frozenset({"data_root", "cache_dir", "log_level", "log_json", "debug"
                       "force_cuda", "test_bootstrap"})
 TRAIN_KEYS = frozenset({"data", "model", "loss", "optim", "train", "policy", "seed", "device", "data_root"})
 AGENT_KEYS = frozenset({"kafka", "topics", "group_id", "batching", "limits", "metrics", "retry", "device", "runtime",
-                        "torch_threads", "checkpoint", "calibration", "calibration_check_s", "drift", "max_frames",
+                        "torch_threads", "checkpoint", "calibration", "calibration_check_s", "model_reload", "drift", "max_frames",
                         "idle_exit_s", "consumer", "producer"})
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -356,6 +357,7 @@ class ModelSwitch:
         self.loader = loader
         self.needs_calibration = needs_calibration  # a new model must name its calibration (the agent has a file)
         self.control_topic: ControlTopic | None = None
+        self._lock = threading.Lock()  # use() may come from any thread, swaps from the loop: none undoes the other
         self._queue: deque[ModelRequest] = deque()
         self._loading: tuple[ModelRequest, Future[Loaded]] | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -372,9 +374,10 @@ class ModelSwitch:
 
     def use(self, calibration: Calibration) -> None:
         """Swap the decision rule; takes effect from the next batch (any thread may call this)."""
-        if calibration.model_id and calibration.model_id != self.model_id:
-            raise ValueError(f"calibration is for model {calibration.model_id}, the agent scores with {self.model_id}")
-        self.current = self.current.with_calibration(calibration)
+        with self._lock:
+            if calibration.model_id and calibration.model_id != self.model_id:
+                raise ValueError(f"calibration is for model {calibration.model_id}, the agent scores with {self.model_id}")
+            self.current = self.current.with_calibration(calibration)
 
     def request(self, request: ModelRequest) -> None:
         """A new model to load (run loop thread); refused at once if it cannot be admitted."""
@@ -474,8 +477,8 @@ class ModelSwitch:
         self._swap(loaded.model, request)
 
     def _swap(self, model: Model, request: ModelRequest) -> None:
-        old = self.current
-        self.current = model
+        with self._lock:
+            old, self.current = self.current, model
         self.metrics.model_reloads.labels(source=request.source, result="loaded").inc()
         self._show()
         log.info("model %s -> %s from %s: %s; calibration %s -> %s (%s)", old.model_id, model.model_id, request.origin,

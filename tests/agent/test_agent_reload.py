@@ -4,6 +4,7 @@ and the whole loop on fakes swapping to a model with another input size mid-stre
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -204,6 +205,7 @@ def test_a_pair_swapped_by_a_directory_symlink_while_loading_is_loaded_again_not
         (tmp_path / "next").replace(current)  # one rename: both files change at once
 
     release, started = threading.Event(), threading.Event()
+    caplog.set_level(logging.INFO, logger="ama_stream.agent.reload")
 
     def slow_text_loader(request, current_model_id):
         started.set()
