@@ -376,7 +376,8 @@ class ModelSwitch:
         """Swap the decision rule; takes effect from the next batch (any thread may call this)."""
         with self._lock:
             if calibration.model_id and calibration.model_id != self.model_id:
-                raise ValueError(f"calibration is for model {calibration.model_id}, the agent scores with {self.model_id}")
+                raise ValueError(f"calibration is for model {calibration.model_id}, "
+                                 f"the agent scores with {self.model_id}")
             self.current = self.current.with_calibration(calibration)
 
     def request(self, request: ModelRequest) -> None:

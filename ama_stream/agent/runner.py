@@ -85,7 +85,8 @@ class Agent:
         self.metrics = AgentMetrics()
         self.health = Health(settings.metrics.stall_s)
         self.readiness = Readiness(self.health, self.metrics, self._stop, settings.metrics.commit_stall_s)
-        initial = calibration or files.initial_calibration(scorer.model_id) or Calibration.from_checkpoint(scorer.checkpoint)
+        initial = (calibration or files.initial_calibration(scorer.model_id)
+                   or Calibration.from_checkpoint(scorer.checkpoint))
         lim = settings.limits
         limits = FrameLimits(lim.max_frame_bytes, lim.max_pixels, lim.max_batch_pixels)
         loader = ModelLoader(self._make_scorer, limits, settings.batching.max_batch) if settings.model_reload else None

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from ama_stream.agent import runner as runner_module  # noqa: F401 - monkeypatched by _agent_on_fakes
 from ama_stream.agent.decode import FrameDecoder
 from ama_stream.agent.frames import FrameLimits
 from ama_stream.agent.metrics import AgentMetrics
