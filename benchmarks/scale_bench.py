@@ -1,8 +1,9 @@
 """Scale-out figures (issue 12): 1, 2 and 4 `ama-stream serve` agents in one consumer group over a
 12-partition frames topic on the embedded broker, and what a rebalance costs while agents join and leave.
 
-    python benchmarks/scale_bench.py              # the full measurement: about 8-10 minutes on 2 quiet cores
-    python benchmarks/scale_bench.py --frames 3000 --broker-frames 3000 --agents 1,2 --settle-s 4   # smoke, ~3 min
+    python benchmarks/scale_bench.py     # the full measurement: about 6-8 minutes on 2 quiet cores
+    python benchmarks/scale_bench.py --frames 3000 --broker-frames 3000 --agents 1,4 --settle-s 4 \
+        --min-window-s 1 --out /tmp/scale-smoke.jsonl   # smoke run of every phase: about 3 minutes; numbers meaningless
 
 Every agent is a real `ama-stream serve` subprocess (this checkout's ama_stream) with one torch thread
 (`torch_threads=1`, OMP/MKL threads 1; decoding is one worker thread in the agent anyway), so 4 of them
@@ -34,10 +35,13 @@ Phases (`--phases`, default all three):
 3. churn: frames are published continuously at --churn-rate while agents join one by one up to the
    largest of --agents, then one leaves by SIGTERM (graceful: finishes its batches, commits, leaves
    the group) and one is killed with SIGKILL (the group notices only after the session timeout); the
-   rest drain what was published. Per event: when the group was stable again, the pause (the longest
-   time with no score record at all), the longest stall of a single partition, and the duplicate
-   records scored in the interval after it; at the end, lost frames (published and acknowledged, no
-   score record after the survivors drained) and duplicated frames (more than one score record).
+   rest drain what was published. Per event: the backlog (frames published, not yet scored) when it
+   came, when the group was stable again, the pause (the longest time with no score record at all),
+   the longest stall of a single partition, and the duplicate records scored in the interval after it
+   (each gap is charged to the event in whose interval it ends; the next event comes --settle-s after
+   the group is stable); at the end, lost frames (published and acknowledged, no score record after
+   the survivors drained) and duplicated frames (more than one score record). Keep --churn-rate below
+   what one agent scores: a backlog stalls partitions by itself (the consumer fetches a few at a time).
    Delivery is at-least-once: duplicates are expected after a kill -9 (the dead agent's frames scored
    but not committed are scored again by the next owner) and after any rebalance for frames polled
    but not yet committed when their partition was revoked; a lost frame is a bug.
@@ -81,7 +85,7 @@ import torch  # noqa: E402
 from kafka import KafkaConsumer  # noqa: E402
 from kafka.structs import TopicPartition  # noqa: E402
 
-from agent_bench import MODELS, calibrated_checkpoint, frames  # noqa: E402
+from agent_bench import MODELS, calibrated_checkpoint, frames, raw_consume_fps  # noqa: E402
 from ama_stream.agent.broker import EMBEDDED_CONSUMER, EmbeddedBroker  # noqa: E402
 from ama_stream.agent.feed import frame_headers  # noqa: E402
 from ama_stream.agent.frames import PNG  # noqa: E402
@@ -489,7 +493,7 @@ SCORE_LIKE = {"schema": "ama-stream/score/v1", "camera_id": "cam-0", "r_score": 
 
 def _producer_worker(bootstrap: str, topic: str, values: list[bytes], parts: list[int], start: mp.Event,
                      out: mp.Queue) -> None:
-    producer = make_producer(KafkaSection(bootstrap_servers=bootstrap), {}, 10.0)
+    producer = make_producer(KafkaSection(bootstrap_servers=bootstrap), {"linger_ms": 5}, 10.0)
     out.put(("ready", None))
     start.wait()
     for i, value in enumerate(values):
@@ -509,7 +513,7 @@ def _relay_worker(bootstrap: str, topic: str, scores: str, parts: list[int], n: 
     tps = [TopicPartition(topic, p) for p in parts]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
-    producer = make_producer(KafkaSection(bootstrap_servers=bootstrap), {}, 10.0)
+    producer = make_producer(KafkaSection(bootstrap_servers=bootstrap), {}, 10.0)  # the agent's producer settings
     out.put(("ready", None))
     start.wait()
     got = 0
@@ -527,31 +531,17 @@ def _relay_worker(bootstrap: str, topic: str, scores: str, parts: list[int], n: 
     consumer.close()
 
 
-def raw_consume(bootstrap: str, topic: str, partitions: int, n: int) -> float:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=2000,
-                             fetch_max_wait_ms=EMBEDDED_CONSUMER["fetch_max_wait_ms"])
-    tps = [TopicPartition(topic, p) for p in range(partitions)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    got, start = 0, time.perf_counter()
-    while got < n:
-        got += sum(len(records) for records in consumer.poll(timeout_ms=500).values())
-    elapsed = time.perf_counter() - start
-    consumer.close()
-    return got / elapsed
-
-
 def broker_phase(b: Bench, values: list[bytes]) -> dict:
     a = b.args
     n, P, k = a.broker_frames, a.partitions, a.broker_clients
     topics = topic_set(b.kafka, f"broker-{uuid.uuid4().hex[:6]}", P)
-    producer = make_producer(b.kafka, {}, 10.0)
+    producer = make_producer(b.kafka, {"linger_ms": 5}, 10.0)
     t0 = time.perf_counter()
     publish_spread(producer, topics["frames"], values, P, "b", count=n)
     produce_fps = n / (time.perf_counter() - t0)
     producer.close()
     log(f"broker: one producer {produce_fps:.0f} frames/s")
-    consume_fps = raw_consume(b.bootstrap, topics["frames"], P, n)
+    consume_fps = raw_consume_fps(b.bootstrap, topics["frames"], P, n)
     log(f"broker: one consumer {consume_fps:.0f} frames/s")
 
     # the pipeline: k producers and k null agents at once, on a fresh topic
@@ -618,7 +608,9 @@ def steady_phase(b: Bench, values: list[bytes], n_agents: int) -> dict:
     finally:
         recs = reader.finish()
     save_records(b.work / f"{tag}-records.csv", recs)
-    rebalances = sum(1 for evs in b.group_events(agents).values() for e in evs if e.kind == "revoked" and e.partitions)
+    # revocations before the group reached its final assignment: the agents joined in more than one generation
+    rebalances = sum(1 for evs in b.group_events(agents).values() for e in evs
+                     if e.kind == "revoked" and e.partitions and e.t_ms < t0)
     w = steady_window(recs, owner, t0, cut)
     if w is None:
         raise RuntimeError(f"no steady window with {n_agents} agents (backlog too small for --frames {a.frames}?)")
@@ -632,7 +624,7 @@ def steady_phase(b: Bench, values: list[bytes], n_agents: int) -> dict:
     return {"agents": n_agents, "fps": w["fps"], "window_s": w["window_s"], "frames_in_window": w["frames_in_window"],
             "per_agent_fps": [p["fps"] for p in per_agent], "per_agent_share": [p["share"] for p in per_agent],
             "per_agent_partitions": [p["partitions"] for p in per_agent], "stable_after_s": (t0 - started) / 1000,
-            "rebalances_seen": rebalances, "window_cut_by_rebalance": w["cut_by_rebalance"],
+            "revocations_while_joining": rebalances, "window_cut_by_rebalance": w["cut_by_rebalance"],
             "exit_codes": codes, "delivery": d, "load_average_1min": load}
 
 
@@ -648,7 +640,7 @@ class Feeder(threading.Thread):
         self.acked: set[str] = set()
         self.failed: list[str] = []
         self._halt = threading.Event()
-        self.sent = 0
+        self.sent_ms: list[float] = []  # when each frame was handed to the producer
         self.stopped_ms: float | None = None
 
     def run(self) -> None:
@@ -663,8 +655,8 @@ class Feeder(threading.Thread):
                                      partition=part, headers=frame_headers(fid, f"cam-{part}", PNG, int(now_ms())))
             fut.add_callback(lambda _md, fid=fid: self.acked.add(fid))
             fut.add_errback(lambda exc, fid=fid: self.failed.append(f"{fid}: {exc}"))
+            self.sent_ms.append(now_ms())
             i += 1
-            self.sent = i
         self.producer.flush()
         self.stopped_ms = now_ms()
         self.producer.close()
@@ -681,7 +673,7 @@ def churn_phase(b: Bench, values: list[bytes]) -> dict:
     a = b.args
     n_max = max(a.agent_counts)
     if n_max < 3:
-        log(f"churn: fewer than 3 agents: joins up to {n_max}, then a SIGTERM and a kill -9 of the last ones")
+        log(f"churn: only {n_max} agents: no kill -9 step (it needs 3: one leaves, one is killed, one drains)")
     tag = f"churn-{uuid.uuid4().hex[:6]}"
     topics = topic_set(b.kafka, tag, a.partitions)
     group = f"scale-{tag}"
@@ -741,7 +733,15 @@ def churn_phase(b: Bench, values: list[bytes]) -> dict:
     ends = starts[1:] + [feeder.stopped_ms or t_drained]
     dups = duplicates_by_interval(recs, starts)
     times = [r.scored_at for r in recs]
+    firsts: dict[str, float] = {}
+    for r in recs:
+        firsts[r.frame_id] = min(r.scored_at, firsts.get(r.frame_id, r.scored_at))
+    first_scored = sorted(firsts.values())
     for i, (e, end, dup) in enumerate(zip(events, ends, dups)):
+        # frames published (at the steady rate) and not yet scored when the event came: a backlog stalls
+        # partitions by itself (the fetcher serves a few at a time), so a stall is read next to it
+        published = bisect.bisect_right(feeder.sent_ms, e["t_ms"])
+        e["backlog_frames"] = max(0, published - bisect.bisect_right(first_scored, e["t_ms"]))
         last = i == len(events) - 1  # its interval runs to the end of publishing: a pause still open there is its own
         g = longest_gap(times, e["t_ms"], end, open_end=last)
         part, stall = partition_stall(recs, e["t_ms"], end, open_end=last)
@@ -809,12 +809,13 @@ def markdown(header: dict, broker: dict | None, steady: list[dict], churn: dict 
         d = churn["delivery"]
         out.append(f"\nJoin/leave at {churn['rate_fps']:.0f} frames/s published ({churn['settle_s']:.0f} s settling after "
                    f"each event; median gap between score batches {churn['typical_gap_ms'] or 0:.0f} ms):\n")
-        out.append("| event | group stable after s | pause, no score record s | longest partition stall s | duplicate records |")
-        out.append("|---|---:|---:|---:|---:|")
+        out.append("| event | backlog at the event, frames | group stable after s | pause, no score record s | "
+                   "longest partition stall s | duplicate records |")
+        out.append("|---|---:|---:|---:|---:|---:|")
         for e in churn["events"]:
             pause = (f"{e['pause_s']:.1f}" if "first_record_after_s" not in e else
                      f"start-up: first record after {e['first_record_after_s']:.1f}")
-            out.append(f"| {e['event']} | {e.get('stable_after_s', float('nan')):.1f} | {pause} | "
+            out.append(f"| {e['event']} | {e['backlog_frames']} | {e.get('stable_after_s', float('nan')):.1f} | {pause} | "
                        f"{e['partition_stall_s']:.1f} | {e['duplicate_records']} |")
         out.append(f"\nPublished and acknowledged {d['produced']}, scored {d['scored_distinct']}: **lost {d['lost']}**, "
                    f"**duplicated {d['duplicated_frames']}** frames ({d['duplicate_records']} extra records); "
