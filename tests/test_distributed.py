@@ -218,3 +218,35 @@ def test_each_process_trains_on_its_own_device():
     else:
         with pytest.raises(ValueError, match="each process uses cuda:LOCAL_RANK"):
             ddp.rank_device(f"cuda:{torch.cuda.device_count() - 1}", torch.cuda.device_count())
+
+
+def test_each_rank_resumes_its_own_noise_stream():
+    """Rank r > 0 restores its own generator from a file of a run with as many processes, and starts a
+    fresh (seed, rank, step) stream from any other file; rank 0 always continues the main stream."""
+    from training.datasets import EvalSet, ProtocolData
+
+    data = np.zeros((32, 32, 32, 1), np.uint8)
+    empty = EvalSet(data[:0], np.zeros(0, np.int64), ())
+    states = [torch.Generator().manual_seed(s).get_state() for s in (11, 12, 13)]
+    single = {"rng": {"gen": states[0]}}
+    two = {"rng": {"gen": states[0]}, "dist": {"world_size": 2, "gen": states[:2]}}
+    three = {"rng": {"gen": states[0]}, "dist": {"world_size": 3, "gen": states}}
+
+    def trainer(rank: int) -> Trainer:
+        ctx = ddp.DistContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+        t = Trainer(tiny_config(), ProtocolData(data, (), empty, empty), dist=ctx)
+        t.state.step = 6
+        return t
+
+    for payload in (single, two, three):
+        t = trainer(0)
+        t._load_gen_state(payload)
+        assert torch.equal(t.gen.get_state(), states[0])
+    t = trainer(1)
+    t._load_gen_state(two)
+    assert torch.equal(t.gen.get_state(), states[1])
+    fresh = torch.Generator().manual_seed(ddp.rank_seed(tiny_config().seed + 1, 1, 6)).get_state()
+    for payload in (single, three):
+        t = trainer(1)
+        t._load_gen_state(payload)
+        assert torch.equal(t.gen.get_state(), fresh)
