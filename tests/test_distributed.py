@@ -20,6 +20,7 @@ from ama_stream.checkpoint import load_checkpoint
 from ama_stream.settings import load_settings, parse_overrides
 from training import distributed as ddp
 from training.config import TrainConfig
+from training.datasets import EvalSet, ProtocolData
 from training.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,8 +157,6 @@ def test_an_indivisible_batch_is_refused(tmp_path, cli_main, capsys, monkeypatch
     # and in each process started by torchrun directly, before any collective
     rank0 = ddp.DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo")
     data = np.zeros((32, 32, 32, 1), np.uint8)
-    from training.datasets import EvalSet, ProtocolData
-
     empty = EvalSet(data[:0], np.zeros(0, np.int64), ())
     with pytest.raises(ValueError, match="not divisible by the 2 training processes"):
         Trainer(tiny_config("train.batch_size=15"), ProtocolData(data, (), empty, empty), dist=rank0)
@@ -223,8 +222,6 @@ def test_each_process_trains_on_its_own_device():
 def test_each_rank_resumes_its_own_noise_stream():
     """Rank r > 0 restores its own generator from a file of a run with as many processes, and starts a
     fresh (seed, rank, step) stream from any other file; rank 0 always continues the main stream."""
-    from training.datasets import EvalSet, ProtocolData
-
     data = np.zeros((32, 32, 32, 1), np.uint8)
     empty = EvalSet(data[:0], np.zeros(0, np.int64), ())
     states = [torch.Generator().manual_seed(s).get_state() for s in (11, 12, 13)]

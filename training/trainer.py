@@ -183,7 +183,9 @@ class Trainer:
         Ranks other than 0 return None once the training loop is done."""
         cfg = self.cfg.train
         total, per_epoch = self.total_steps(), self.steps_per_epoch()
-        batch = f"batch {cfg.batch_size}" + (f" ({self.world_size} processes x {self.local_batch})" if self.dist else "")
+        batch = f"batch {cfg.batch_size}"
+        if self.dist:
+            batch += f" ({self.world_size} processes x {self.local_batch})"
         log.info("training on %s: %d images, %s, %d steps/epoch, %d steps in all (%d done)",
                  self.device, len(self.train_images), batch, per_epoch, total, self.state.step)
         self._wrap_steps()
