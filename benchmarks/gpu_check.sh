@@ -3,7 +3,9 @@
 # an H100/H200 with 16 cores): build ama_stream._C with its CUDA kernels, run the CUDA tests, then
 # benchmark (fused tail vs twin, sampler, Scorer frames/s at 32x32 in bfloat16 for batch 256 and
 # 1024, the Scorer's speed options at batch 1024). Writes benchmarks/results/ops_bench_cuda.json and
-# the CUDA block of docs/benchmarks.md; copies both to $OUT when it is set.
+# the CUDA block of docs/benchmarks.md; copies both to $OUT when it is set. Last, distributed training:
+# 2 steps under torchrun with nccl, one process per GPU (at most 2; about a minute), checked from
+# metrics.json (copied to $OUT/ddp_check_metrics.json).
 #   PYTHON=/path/to/python  SKIP_COMPILE=1 (leave torch.compile variants out)  TORCH_CUDA_ARCH_LIST=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,4 +43,30 @@ if [[ "${SKIP_COMPILE:-0}" == "1" ]]; then compile_flag=(--no-compile); fi
 
 if [[ -n "${OUT:-}" ]]; then
   cp benchmarks/results/ops_bench_cuda.json docs/benchmarks.md "$OUT"/
+fi
+
+# Distributed training (issue 12 part 4): torchrun, nccl, SyncBatchNorm and DDP on the GPU(s), 2 steps of
+# the Fashion-MNIST CPU preset on the test fixture's images with the full objective switched on.
+ngpu=$("$PY" -c "import torch; print(min(2, torch.cuda.device_count()))")
+ddp_out="$(mktemp -d)/ddp_check"
+start=$(date +%s)
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" -m training \
+  --config configs/fmnist_vs_mnist_cpu.yaml --data-root tests/data --out "$ddp_out" --device cuda --max-steps 2 \
+  --set train.batch_size=16 --set train.log_every=1 --set data.limit_train=256 --set data.limit_test=64 \
+  --set loss.gradient_penalty.enabled=true --set loss.negatives.enabled=true --set loss.negatives.start_epoch=0 \
+  --set optim.d_steps=2
+"$PY" - "$ddp_out" "$ngpu" <<'PYEOF'
+import json, sys
+from ama_stream.checkpoint import load_checkpoint
+out, ngpu = sys.argv[1], int(sys.argv[2])
+metrics = json.load(open(f"{out}/metrics.json"))
+record = metrics["distributed"]
+assert record["backend"] == "nccl" and record["processes"] == ngpu and metrics["steps"] == 2, metrics
+assert record["images_per_process"] == [2 * 16 // ngpu] * ngpu, record
+load_checkpoint(f"{out}/model.pt").build_model()
+print(f"distributed training on {ngpu} GPU(s): {record}, AUROC R {metrics.get('auroc_r')}")
+PYEOF
+echo "distributed check: $(( $(date +%s) - start )) s"
+if [[ -n "${OUT:-}" ]]; then
+  cp "$ddp_out/metrics.json" "$OUT"/ddp_check_metrics.json
 fi

@@ -32,7 +32,8 @@ class GradientPenaltySection(Section):
     enabled: bool = True  # WGAN-GP penalty on interpolates between (x, x) and (x, G(E(x)))
     weight: float = Field(10.0, ge=0)  # lambda of the penalty
     # interpolates per step the penalty is estimated on (a random subset of the batch; None = all):
-    # the double backward is the costly part on CPUs, and a subset is still an unbiased estimate
+    # the double backward is the costly part on CPUs, and a subset is still an unbiased estimate;
+    # distributed training splits them over the processes
     samples: int | None = Field(None, ge=1)
 
 
@@ -58,7 +59,7 @@ class NegativesSection(Section):
     delta: float = Field(0.5, gt=0)  # shell thickness as a fraction of the radius (cube: box margin)
     weight: float = Field(5.0, ge=0)  # lambda_neg
     start_epoch: int = Field(10, ge=0)  # 0-based: the paper starts at epoch 11
-    fraction: float = Field(0.1, gt=0, le=1)  # negatives per batch, as a fraction of the batch size
+    fraction: float = Field(0.1, gt=0, le=1)  # negatives per batch, as a fraction of the batch size (distributed: of each process's share)
 
     @field_validator("radius")
     @classmethod
@@ -91,7 +92,7 @@ class OptimSection(Section):
 
 class TrainSection(Section):
     epochs: int = Field(100, ge=1)  # passes over the training images (or of steps_per_epoch steps)
-    batch_size: int = Field(256, ge=2)  # normal images per step
+    batch_size: int = Field(256, ge=2)  # normal images per step (distributed: the global batch, split evenly over the processes)
     steps_per_epoch: int | None = Field(None, ge=1)  # cap an epoch (CPU presets); None = one pass
     max_steps: int | None = Field(None, ge=1)  # stop after this many E/G steps in all
     log_every: int = Field(50, ge=1)  # a loss line (and a metrics.csv row) every N steps

@@ -3,6 +3,7 @@ schedule, atypical negatives from `start_epoch`, seeded and resumable at epoch b
 
 Outputs in OUT/: model.pt (the checkpoint the Scorer and the agent load), metrics.json, and
 train_state.pt (weights + optimiser/scheduler/RNG state, rewritten every epoch) for --resume.
+With a DistContext (torchrun), the same loop runs data-parallel: see training/distributed.py.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ama_stream.progress import progress
 from ama_stream.scoring import Scorer, resolve_device
 from ama_stream.sources import resolve_data_root
 
+from . import distributed as ddp
 from .config import TrainConfig
 from .datasets import ProtocolData, build_protocol, holdout_record, resolve_image_shape
 from .evaluate import detection_metrics, fit_gaussian, full_metrics, good_only_metrics
@@ -54,14 +56,30 @@ def _plain(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+class _NoProgress:
+    """The progress calls of ranks other than 0, which report nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data: ProtocolData, out_dir: str | Path | None = None):
+    def __init__(self, cfg: TrainConfig, data: ProtocolData, out_dir: str | Path | None = None,
+                 dist: ddp.DistContext | None = None):
         self.cfg = cfg
         self.data = data
         self.out_dir = Path(out_dir) if out_dir else None
-        self.device = resolve_device(cfg.device)
+        self.dist = dist  # None: one process, as always
+        self.is_main = dist is None or dist.is_main
+        self.world_size = dist.world_size if dist else 1
+        self.local_batch = ddp.per_rank_batch(cfg.train.batch_size, self.world_size)
+        self.device = dist.device if dist else resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # interpolation weights, negatives, GP
+        # interpolation weights, negatives, GP; each rank its own stream (rank 0's = the single-process one)
+        self.gen = torch.Generator().manual_seed(ddp.rank_seed(cfg.seed + 1, dist.rank if dist else 0))
         self.rng = np.random.default_rng(cfg.seed + 2)  # data order
         self.model_cfg = cfg.model_config_for_data()
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -75,9 +93,20 @@ class Trainer:
             k: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=o.milestones, gamma=o.gamma)
             for k, opt in self.optimizers.items()
         }
-        self.objective = AMAObjective(cfg.loss, cfg.model.mirrored)
+        loss_cfg = cfg.loss
+        if dist is not None and cfg.loss.gradient_penalty.samples is not None:  # a per-step count: split it
+            gp = cfg.loss.gradient_penalty
+            gp = gp.model_copy(update={"samples": ddp.split_samples(gp.samples, self.world_size)})
+            loss_cfg = cfg.loss.model_copy(update={"gradient_penalty": gp})
+        self.objective = AMAObjective(loss_cfg, cfg.model.mirrored)
         decay = cfg.train.ema_decay
         self.average = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay else None
+        self._steps: dict[str, torch.nn.Module] | None = None  # the DDP-wrapped critic and E/G steps
+        self._images = 0  # images this process trained on in this run (its shards)
+        self._dist_record: dict | None = None  # metrics["distributed"]: processes, backend, images per process
+        if dist is not None:  # after the average's copy, which keeps plain BatchNorm
+            for net in (self.model.encoder, self.model.generator):
+                ddp.convert_sync_batchnorm(net, self.device)
         self.state = LoopState()
         self.best_weights: dict | None = None
         self._board = None  # TensorBoard writer, made on first use (False: tensorboard not installed)
@@ -116,14 +145,20 @@ class Trainer:
         d = self.model.discriminator
         for _ in range(self.cfg.optim.d_steps):
             self.opt_d.zero_grad(set_to_none=True)
-            loss_d, logs_d = self.objective.critic_loss(self.model, x, z_neg, self.gen)
+            if self._steps is None:
+                loss_d, logs_d = self.objective.critic_loss(self.model, x, z_neg, self.gen)
+            else:  # DDP: gradients averaged over the ranks in backward
+                loss_d, logs_d = self._steps["critic"](x, z_neg)
             loss_d.backward()
             self.opt_d.step()
         d.requires_grad_(False)  # the E/G step needs gradients through D, not for D
         try:
             self.opt_e.zero_grad(set_to_none=True)
             self.opt_g.zero_grad(set_to_none=True)
-            loss_g, logs_g = self.objective.autoencoder_loss(self.model, x, z_neg, self.gen)
+            if self._steps is None:
+                loss_g, logs_g = self.objective.autoencoder_loss(self.model, x, z_neg, self.gen)
+            else:
+                loss_g, logs_g = self._steps["autoencoder"](x, z_neg)
             loss_g.backward()
             self.opt_e.step()
             self.opt_g.step()
@@ -134,15 +169,30 @@ class Trainer:
         return {**logs_d, **logs_g}
 
     # ----- the loop -------------------------------------------------------------------------
-    def fit(self) -> Checkpoint:
+    def _wrap_steps(self) -> None:
+        """DistributedDataParallel over the critic step (D) and the E/G step (E and G), built once,
+        after any resume: construction broadcasts rank 0's weights and buffers."""
+        if self.dist is not None and self._steps is None:
+            self._steps = {
+                "critic": ddp.wrap(ddp.CriticStep(self.model, self.objective, self.gen), self.dist),
+                "autoencoder": ddp.wrap(ddp.AutoencoderStep(self.model, self.objective, self.gen), self.dist),
+            }
+
+    def fit(self) -> Checkpoint | None:
+        """Train, then (rank 0 only, in a distributed run) select/average, fit, evaluate and write.
+        Ranks other than 0 return None once the training loop is done."""
         cfg = self.cfg.train
         total, per_epoch = self.total_steps(), self.steps_per_epoch()
-        log.info("training on %s: %d images, batch %d, %d steps/epoch, %d steps in all (%d done)",
-                 self.device, len(self.train_images), cfg.batch_size, per_epoch, total, self.state.step)
+        batch = f"batch {cfg.batch_size}"
+        if self.dist:
+            batch += f" ({self.world_size} processes x {self.local_batch})"
+        log.info("training on %s: %d images, %s, %d steps/epoch, %d steps in all (%d done)",
+                 self.device, len(self.train_images), batch, per_epoch, total, self.state.step)
+        self._wrap_steps()
         t0, step0 = time.monotonic(), self.state.step
-        if step0 == 0 and self.out_dir:
+        if step0 == 0 and self.out_dir and self.is_main:
             (self.out_dir / "metrics.csv").unlink(missing_ok=True)  # a fresh run into an old folder
-        bar = progress(total=total, desc="training", unit="step")
+        bar = progress(total=total, desc="training", unit="step") if self.is_main else _NoProgress()
         bar.update(step0)
         try:
             self._run_epochs(bar, t0, step0, total, per_epoch)
@@ -150,6 +200,13 @@ class Trainer:
             bar.close()
             if self._board:
                 self._board.close()
+        if self.dist is not None:  # plain BatchNorm again: what follows runs on rank 0 alone
+            for net in (self.model.encoder, self.model.generator):
+                ddp.revert_sync_batchnorm(net)
+            self._dist_record = {"processes": self.world_size, "backend": self.dist.backend,
+                                 "images_per_process": ddp.all_gather_objects(self._images, self.dist)}
+            if not self.is_main:
+                return None
         if self.best_weights is not None:
             log.info("using the model selected at epoch %d (val AUROC-A %.4f)", self.state.best_epoch + 1,
                      self.state.best_score)
@@ -194,25 +251,36 @@ class Trainer:
             for i in range(per_epoch):
                 if self.state.step >= total:
                     break
-                idx = np.sort(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
+                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                if self.dist is not None:  # this rank's share of the global batch
+                    idx = ddp.shard(idx, self.dist.rank, self.world_size)
+                idx = np.sort(idx)
                 x = to_tensor(self.train_images[idx]).to(self.device, non_blocking=True,
                                                          memory_format=self.memory_format)
                 logs = self.train_step(x, epoch)
+                self._images += len(idx)
                 if self.average is not None:
                     self.average.update_parameters(self.model)
                 self.state.step += 1
                 bar.update(1)
                 if self.state.step % cfg.log_every == 0 or self.state.step == total:
-                    self._record(epoch, logs, time.monotonic() - t0)
-                    rate = (self.state.step - step0) / max(time.monotonic() - t0, 1e-9)
-                    eta = (total - self.state.step) / max(rate, 1e-9)
-                    log.info("epoch %d/%d step %d/%d %s | %.2f step/s, eta %.0fs", epoch + 1, cfg.epochs,
-                             self.state.step, total, " ".join(f"{k}={v:.4g}" for k, v in logs.items()), rate, eta)
+                    if self.dist is not None:  # the global batch's losses: the mean of the ranks' means
+                        logs = ddp.mean_over_ranks(logs, self.dist)
+                    if self.is_main:
+                        self._log_step(epoch, logs, t0, step0, total)
             for sched in self.schedulers.values():
                 sched.step()
             self.state.epoch += 1
-            self._select_model(epoch)
+            if self.is_main:  # the others go on and wait for it in the next step's collectives
+                self._select_model(epoch)
             self.save_train_state()
+
+    def _log_step(self, epoch: int, logs: dict[str, float], t0: float, step0: int, total: int) -> None:
+        self._record(epoch, logs, time.monotonic() - t0)
+        rate = (self.state.step - step0) / max(time.monotonic() - t0, 1e-9)
+        eta = (total - self.state.step) / max(rate, 1e-9)
+        log.info("epoch %d/%d step %d/%d %s | %.2f step/s, eta %.0fs", epoch + 1, self.cfg.train.epochs,
+                 self.state.step, total, " ".join(f"{k}={v:.4g}" for k, v in logs.items()), rate, eta)
 
     def _select_model(self, epoch: int) -> None:
         """The paper's protocol: keep the epoch with the best validation AUROC of the A-score on labelled
@@ -297,6 +365,8 @@ class Trainer:
         metrics: dict = {"epochs": self.state.epoch, "steps": self.state.step}
         if self.state.best_epoch >= 0:
             metrics["selected_epoch"] = self.state.best_epoch + 1
+        if self._dist_record is not None:
+            metrics["distributed"] = self._dist_record
         test = self.data.test
         scorer = Scorer(ckpt, device=self.device)
         calibration = Calibration.from_checkpoint(ckpt)
@@ -345,7 +415,12 @@ class Trainer:
 
     # ----- resume ---------------------------------------------------------------------------
     def save_train_state(self) -> None:
+        """OUT/train_state.pt, by rank 0. A distributed run adds every rank's noise-generator state
+        under "dist"; the rest is the single-process format (rank 0's generator under "rng")."""
         if not self.out_dir:
+            return
+        gen_states = ddp.all_gather_objects(self.gen.get_state(), self.dist) if self.dist else None
+        if not self.is_main:
             return
         payload = {
             "format": TRAIN_STATE_FORMAT,
@@ -361,6 +436,8 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state(),
                     "numpy": json.dumps(self.rng.bit_generator.state)},
         }
+        if gen_states is not None:
+            payload["dist"] = {"world_size": self.world_size, "gen": gen_states}
         buf = io.BytesIO()
         torch.save(payload, buf)
         atomic_write_bytes(self.out_dir / "train_state.pt", buf.getvalue())
@@ -389,14 +466,31 @@ class Trainer:
         if self.average is not None and payload.get("average") is not None:
             self.average.load_state_dict(payload["average"])
         torch.set_rng_state(payload["rng"]["torch"])
-        self.gen.set_state(payload["rng"]["gen"])
+        self._load_gen_state(payload)
         self.rng.bit_generator.state = json.loads(payload["rng"]["numpy"])
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
 
+    def _load_gen_state(self, payload: dict) -> None:
+        """Rank 0 (and a single process) continue the file's main stream; other ranks their own when the
+        file is from a run with as many processes, else a fresh stream seeded by (seed, rank, step)."""
+        rank = self.dist.rank if self.dist else 0
+        saved = payload.get("dist") or {}
+        if rank == 0:
+            self.gen.set_state(payload["rng"]["gen"])
+        elif saved.get("world_size") == self.world_size:
+            self.gen.set_state(saved["gen"][rank])
+        else:
+            self.gen.manual_seed(ddp.rank_seed(self.cfg.seed + 1, rank, self.state.step))
+        if self.dist and self.is_main and self.world_size > 1 and saved.get("world_size") != self.world_size:
+            log.info("the resumed file is from a run with %s processes: the noise streams of ranks 1-%d start afresh",
+                     saved.get("world_size", 1), self.world_size - 1)
+
 
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: str | Path | None = None,
-          data: ProtocolData | None = None) -> Checkpoint:
-    """Load the protocol's data, train, fit mu/sigma, evaluate, write OUT/model.pt + metrics.json."""
+          data: ProtocolData | None = None, dist: ddp.DistContext | None = None) -> Checkpoint | None:
+    """Load the protocol's data, train, fit mu/sigma, evaluate, write OUT/model.pt + metrics.json.
+    With `dist` (a torchrun process), every rank trains its share; rank 0 returns the checkpoint and
+    the others None."""
     if data is None:
         data_root = resolve_data_root(cfg.data_root)
         cfg = cfg.model_copy(update={"data": resolve_image_shape(cfg.data, data_root)})
@@ -407,7 +501,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: str | Pat
     elif cfg.data.shape_is_auto:  # arrays handed in: they already have the model's shape
         size, channels = int(data.train.shape[1]), int(data.train.shape[3])
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_size": size, "channels": channels})})
-    trainer = Trainer(cfg, data, out_dir)
+    trainer = Trainer(cfg, data, out_dir, dist=dist)
     if resume:
         trainer.load_train_state(resume)
     return trainer.fit()
