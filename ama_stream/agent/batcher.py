@@ -68,6 +68,14 @@ class MicroBatcher:
             self.last_frame_at = now
         return len(got)
 
+    def discard(self) -> int:
+        """Drops the buffer (exactly-once, after a rebalance: its frames are read again); returns how
+        many frames it held. They no longer count against max_frames."""
+        dropped = len(self._buffer)
+        self.taken -= dropped
+        self._buffer = []
+        return dropped
+
     def take(self, force: bool = False) -> PolledBatch | None:
         """The buffer as a batch if it is full, old enough, or the budget is spent (or `force`)."""
         if not self._buffer:

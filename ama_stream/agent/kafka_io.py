@@ -116,15 +116,22 @@ def consumer_config(settings: AgentSettings) -> dict[str, Any]:
         enable_auto_commit=False,  # offsets are committed only after the records are acknowledged
         max_poll_records=settings.batching.max_batch,
     )
+    if settings.exactly_once:
+        # frames of aborted transactions are skipped, and the committed offsets are read only once
+        # no transaction that commits offsets of the group is pending (KIP-447 require_stable)
+        cfg["isolation_level"] = "read_committed"
     cfg.setdefault("bootstrap_timeout_ms", int(settings.retry.connect_timeout_s * 1000))
     return cfg
 
 
-def producer_config(kafka: KafkaSection, producer: dict[str, Any], connect_timeout_s: float) -> dict[str, Any]:
+def producer_config(kafka: KafkaSection, producer: dict[str, Any], connect_timeout_s: float,
+                    transactional_id: str | None = None) -> dict[str, Any]:
     # max_block_ms bounds how long send() waits for metadata while the broker is away (default 60 s).
     cfg: dict[str, Any] = {"max_block_ms": 10_000, **producer}
     cfg.update(kafka.client_config())
     cfg["acks"] = "all"
+    if transactional_id is not None:
+        cfg["transactional_id"] = transactional_id  # implies enable_idempotence
     cfg.setdefault("bootstrap_timeout_ms", int(connect_timeout_s * 1000))
     return cfg
 
@@ -133,8 +140,18 @@ def make_consumer(settings: AgentSettings) -> KafkaConsumer:
     return build_client(KafkaConsumer, **consumer_config(settings))
 
 
-def make_producer(kafka: KafkaSection, producer: dict[str, Any], connect_timeout_s: float) -> KafkaProducer:
-    return build_client(KafkaProducer, **producer_config(kafka, producer, connect_timeout_s))
+def make_producer(kafka: KafkaSection, producer: dict[str, Any], connect_timeout_s: float,
+                  transactional_id: str | None = None) -> KafkaProducer:
+    """A producer; with a `transactional_id`, also initialised for transactions (init_transactions):
+    the broker then aborts (or completes) what an earlier producer with that id left open and fences it."""
+    client = build_client(KafkaProducer, **producer_config(kafka, producer, connect_timeout_s, transactional_id))
+    if transactional_id is not None:
+        try:
+            client.init_transactions()
+        except BaseException:
+            client.close(timeout=0)
+            raise
+    return client
 
 
 def ensure_topics(kafka: KafkaSection, partitions: dict[str, int], replication: int = 1) -> list[str]:

@@ -53,6 +53,10 @@ class AgentMetrics:
         self.broker_errors = Counter("ama_broker_errors", "Failed broker operations (connect, publish, commit)",
                                      ["operation"], registry=r)
         self.ready = Gauge("ama_ready", "1 when the agent is connected and scoring", registry=r)
+        self.transactions = Counter(
+            "ama_transactions", "Exactly-once transactions by how they ended: committed, aborted (the batch "
+            "goes out again in a new one, or the agent stopped), dropped (polled before a rebalance: read again)",
+            ["result"], registry=r)
         self.commit_stalls = Counter("ama_commit_stalls", "Times frames waited while no commit moved for "
                                      "metrics.commit_stall_s (readiness went to 0)", registry=r)
         self.model = Gauge("ama_model_info", "1 for the model in force", ["model_id"], registry=r)

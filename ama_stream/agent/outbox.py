@@ -10,6 +10,10 @@ into the agent. Waiting for acknowledgements here instead of on the run loop's t
 A publish that a stop request cut short comes back with `ok=False`; the batches behind it are
 dropped unpublished (they stay uncommitted and are read again). An exception on this thread is
 re-raised on the run loop's by `check()` / `acknowledged()`.
+
+What is submitted with a batch is handed to `publish` unchanged: the records (at-least-once), or
+the records with the batch's offsets (exactly-once: txn.TxnBatch). `publish` returns a bool or an
+outcome whose truth says whether the batches behind it may go on (txn.Outcome).
 """
 from __future__ import annotations
 
@@ -17,10 +21,9 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from .kafka_io import describe
-from .records import OutMessage
 
 T = TypeVar("T")
 
@@ -30,11 +33,13 @@ class Finished(Generic[T]):
     item: T  # what the run loop submitted with the messages
     ok: bool  # False: a stop cut the wait short; the batch is not acknowledged
     publish_s: float  # from handing the records to the producer until the last acknowledgement
+    outcome: Any = None  # what `publish` returned (exactly-once: a txn.Outcome)
 
 
 class Outbox(Generic[T]):
-    def __init__(self, publish: Callable[[list[OutMessage]], bool], depth: int = 2):
-        """`publish(messages) -> bool`: Publisher.publish, True once all are acknowledged."""
+    def __init__(self, publish: Callable[[Any], Any], depth: int = 2):
+        """`publish(messages) -> bool`: Publisher.publish, True once all are acknowledged (or
+        Transactions.publish, an Outcome)."""
         self._publish = publish
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._finished: queue.SimpleQueue[Finished[T]] = queue.SimpleQueue()
@@ -43,7 +48,7 @@ class Outbox(Generic[T]):
         self._thread = threading.Thread(target=self._run, name="ama-publish", daemon=True)
         self._thread.start()
 
-    def submit(self, item: T, messages: list[OutMessage]) -> None:
+    def submit(self, item: T, messages: Any) -> None:
         """Queues a batch; blocks while `depth` batches are already waiting (back-pressure)."""
         self.check()
         self._queue.put((item, messages))
@@ -88,9 +93,10 @@ class Outbox(Generic[T]):
                     continue  # behind an unacknowledged batch: dropped, stays uncommitted
                 item, messages = entry
                 started = time.perf_counter()
-                ok = self._publish(messages)
+                outcome = self._publish(messages)
+                ok = bool(outcome)
                 self.gave_up = not ok
-                self._finished.put(Finished(item, ok, time.perf_counter() - started))
+                self._finished.put(Finished(item, ok, time.perf_counter() - started, outcome))
             except BaseException as exc:  # noqa: BLE001 - handed to the run loop by check()
                 self.error = exc
             finally:

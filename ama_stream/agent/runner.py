@@ -18,6 +18,11 @@ named steps, and a frame's path reads straight down it:
 `stop()` only sets a flag: the loop then finishes the batches in flight, publishes them, commits
 and closes (resources in an ExitStack). Offsets are committed only after the broker acknowledged
 every record of the frames below them (at-least-once); see commit.py for rebalances.
+
+`delivery: exactly-once`: the Outbox runs each batch as one Kafka transaction, records and offsets
+together (Transactions, txn.py), which then owns the commits; the OffsetCommitter only keeps the
+books and orders transactions against rebalances, after which the loop re-reads from the committed
+offsets (`_rewind`). A fenced producer (another agent with this transactional id) stops the agent.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ from .records import RecordBuilder
 from .reload import ControlTopic, Model, ModelFiles, ModelLoader, ModelSwitch
 from .score import ScoredBatch, score_batch
 from .settings import AgentSettings
+from .txn import Outcome, ProducerFenced, TransactionUnanswered, Transactions, TxnBatch
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +103,11 @@ class Agent:
         self.stats = AgentStats()
         self.accounting = Accounting(self.metrics, self.stats)
         self.drift_watch = DriftWatch(self.drift, self.metrics)
-        self.committer = OffsetCommitter(None, self.readiness.broker_error, settings.retry.lag_every_s)
+        self.committer = OffsetCommitter(None, self.readiness.broker_error, settings.retry.lag_every_s,
+                                         transactional=settings.exactly_once,
+                                         revoke_wait_s=_revoke_wait_s(settings))
+        self.transactions: Transactions | None = None  # exactly-once only
+        self.failure: RuntimeError | None = None  # exactly-once: why the agent stopped on its own (raised by run)
         # made by run() once the broker is reachable
         self.metrics_port: int | None = None
         self.consumer: KafkaConsumer | None = None
@@ -150,6 +160,8 @@ class Agent:
                 raise
         log.info("agent stopped: %d frames scored, %d alerts, %d dead-lettered",
                  self.stats.scored, self.stats.alerts, self.stats.dead_lettered)
+        if self.failure is not None:
+            raise self.failure
         return 0
 
     def _open(self, stack: ExitStack) -> bool:
@@ -168,7 +180,16 @@ class Agent:
                                    on_error=self.readiness.broker_error,
                                    on_give_up=lambda topic, why: self.metrics.records_refused.labels(topic=topic).inc())
         stack.callback(lambda: _close("producer", self.publisher.producer.close, timeout=5))  # the one in use at the end
-        self.outbox = Outbox(lambda messages: self.publisher.publish(messages, heartbeat=self.health.beat))
+        if s.exactly_once:
+            self.transactions = Transactions(
+                self.publisher, self.committer, lambda: self.consumer.group_metadata(), s.retry, self._stop,
+                on_error=self.readiness.broker_error,
+                on_outcome=lambda result: self.metrics.transactions.labels(result=result).inc(),
+                answer_timeout_s=s.producer.get("transaction_timeout_ms",
+                                                KafkaProducer.DEFAULT_CONFIG["transaction_timeout_ms"]) / 1000)
+            self.outbox = Outbox(lambda batch: self.transactions.publish(batch, heartbeat=self.health.beat))
+        else:
+            self.outbox = Outbox(lambda messages: self.publisher.publish(messages, heartbeat=self.health.beat))
         stack.callback(self.outbox.close)
         broker_down = lambda reason: self.readiness.broker_error("connect", reason)  # noqa: E731
         consumer = connect_with_retry(lambda: make_consumer(s), "consumer", s.kafka, s.retry, self._stop, broker_down)
@@ -197,6 +218,8 @@ class Agent:
         while not self._stop.is_set():
             self.health.beat()
             got = self.batcher.poll(busy=len(self.decoding) > 0)
+            if self.transactions is not None and self.committer.take_rewind():
+                self._rewind()
             now = time.monotonic()
             self.models.check(now)  # between batches: each batch is decoded, scored and decided by one model
             self._decode()
@@ -230,12 +253,18 @@ class Agent:
             model, calibration = batch.model, batch.model.calibration  # one model per batch, even if swapped meanwhile
             scored = score_batch(model.scorer, calibration, batch)
             messages = self.records.build(scored, model.model_id, calibration.calibration_id, int(time.time() * 1000))
-            self.outbox.submit((batch, calibration, scored), messages)
+            if self.transactions is not None:  # exactly-once: the records with the batch's offsets
+                self.outbox.submit((batch, calibration, scored), TxnBatch(messages, batch.positions, batch.epoch))
+            else:
+                self.outbox.submit((batch, calibration, scored), messages)
 
     def _finish(self) -> None:
         """Batches the publish thread finished: only an acknowledged batch's offsets are done."""
         for done in self.outbox.acknowledged():
             batch, calibration, scored = done.item
+            if self.transactions is not None and done.outcome is not Outcome.COMMITTED:
+                self._not_committed(batch, done.outcome)
+                continue
             if not done.ok:
                 log.warning("stopping with %d frames unacknowledged; they stay uncommitted and will be read again",
                             batch.size)
@@ -248,6 +277,48 @@ class Agent:
         self.accounting.add(batch, scored, publish_s)
         self.drift_watch.observe(calibration, scored)
         self.readiness.mark_ready()
+
+    def _not_committed(self, batch: DecodedBatch, outcome: Outcome) -> None:
+        """Exactly-once: a batch whose transaction did not commit (its frames are read again)."""
+        if outcome is Outcome.STALE:
+            self.batcher.taken -= batch.size  # dropped after a rebalance: read again, counted again
+            return
+        self.committer.halt()
+        s = self.settings
+        if outcome is Outcome.FENCED:
+            self.failure = ProducerFenced(
+                f"fenced: another producer with transactional id {s.transactional_id} took over (a second agent "
+                f"with the same agent_id in group {s.group_id}, or this agent's successor); stopped without "
+                "committing more. Give every agent of a group its own --agent-id")
+            self.stop()
+        elif outcome is Outcome.UNANSWERED:
+            self.failure = TransactionUnanswered(
+                f"transactional id {s.transactional_id}: {self.transactions.unanswered} (producer "
+                "transaction_timeout_ms); stopped, since whether the batch committed is unknown: the next start "
+                "with this agent_id settles it (on tansu 0.6.0 this is also how a fenced agent ends)")
+            self.stop()
+        else:
+            log.warning("stopping with %d frames in a transaction that did not commit; they stay uncommitted and "
+                        "will be read again", batch.size)
+
+    def _rewind(self) -> None:
+        """Exactly-once, after a rebalance (or offsets refused for a stale generation): everything
+        polled before it is dropped, and the assigned partitions are read again from their committed
+        offsets (kafka-python keeps the position of a partition assigned again)."""
+        dropped = self.batcher.discard()
+        consumer = self.consumer
+        moved = []
+        for tp in sorted(consumer.assignment()):
+            committed = consumer.committed(tp)
+            if committed is not None:
+                consumer.seek(tp, committed)
+            elif consumer.config.get("auto_offset_reset") == "latest":
+                consumer.seek_to_end(tp)
+            else:
+                consumer.seek_to_beginning(tp)
+            moved.append(f"{tp.topic}[{tp.partition}]@{committed if committed is not None else 'reset'}")
+        log.info("re-reading from the committed offsets: %s (%d buffered frames dropped)",
+                 ", ".join(moved) or "no partitions assigned", dropped)
 
     def _should_exit(self, now: float) -> bool:
         s = self.settings
@@ -269,7 +340,8 @@ class Agent:
 
     def _connect_producer(self) -> KafkaProducer | None:
         s = self.settings
-        return connect_with_retry(lambda: make_producer(s.kafka, s.producer, s.retry.connect_timeout_s), "producer",
+        return connect_with_retry(lambda: make_producer(s.kafka, s.producer, s.retry.connect_timeout_s,
+                                                        transactional_id=s.transactional_id), "producer",
                                   s.kafka, s.retry, self._stop,
                                   lambda reason: self.readiness.broker_error("connect", reason))
 
@@ -282,9 +354,18 @@ class Agent:
             "torch_threads": torch.get_num_threads(),
             "input": {"image_size": self.scorer.spec.image_size, "channels": self.scorer.spec.channels},
             "metrics_port": self.metrics_port,
+            "delivery": self.settings.delivery,
+            "transactional_id": self.settings.transactional_id,
             "kafka_python": kafka.__version__,
         }
         log.info("agent starting: %s", json.dumps(effective, sort_keys=True))
+
+
+def _revoke_wait_s(settings: AgentSettings) -> float:
+    """How long a revocation waits for the transaction in progress (exactly-once): it holds up the
+    consumer's heartbeats, so a third of the session timeout, at most 10 s."""
+    session_ms = settings.consumer.get("session_timeout_ms", KafkaConsumer.DEFAULT_CONFIG["session_timeout_ms"])
+    return min(10.0, session_ms / 3000)
 
 
 def _close(what: str, close, **kwargs) -> None:

@@ -2,11 +2,13 @@
 
 Every key is documented in configs/agent.yaml. Kafka client tuning that the agent does not
 manage itself passes through `consumer:` / `producer:` to kafka-python unchanged; keys the agent
-owns (offsets, serialisation, acknowledgements, credentials) are refused there so the delivery
-rule (acks=all, commit only after the records are acknowledged) cannot be switched off by accident.
+owns (offsets, serialisation, acknowledgements, credentials, the transactional id) are refused
+there so the delivery rule (acks=all, commit only after the records are acknowledged, or with them
+in one transaction) cannot be switched off by accident.
 """
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +19,7 @@ from ama_stream.settings import AmaSettings, Section
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"]
+Delivery = Literal["at-least-once", "exactly-once"]  # also serve's --delivery choices
 
 # Keys set from other settings or fixed by the delivery rule; never taken from the pass-through maps.
 _MANAGED_COMMON = {
@@ -191,6 +194,13 @@ class AgentSettings(AmaSettings):
     kafka: KafkaSection = KafkaSection()
     topics: TopicsSection = TopicsSection()
     group_id: str = Field("ama-stream", min_length=1)  # consumer group: agents in one group share the partitions
+    # at-least-once: offsets committed after the records are acknowledged (a crash can repeat a
+    # frame's records); exactly-once: a batch's records and its offsets in one Kafka transaction
+    # (downstream consumers must read with isolation_level=read_committed; docs/operations.md)
+    delivery: Delivery = "at-least-once"
+    # exactly-once: this agent's stable id, unique in its group and the same across restarts; the
+    # transactional id is ama-stream-{group_id}-{agent_id}. null = the host name
+    agent_id: str | None = Field(None, min_length=1, max_length=200)
     batching: BatchingSection = BatchingSection()
     limits: LimitsSection = LimitsSection()
     metrics: MetricsSection = MetricsSection()
@@ -222,6 +232,39 @@ class AgentSettings(AmaSettings):
     @classmethod
     def _producer_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         return _check_pass_through("producer", v, KafkaProducer.DEFAULT_CONFIG, _MANAGED_PRODUCER)
+
+    @field_validator("agent_id")
+    @classmethod
+    def _agent_id(cls, v: str | None) -> str | None:
+        if v is not None and not all(c.isalnum() or c in "._-" for c in v):
+            raise ValueError("an agent id uses only letters, digits, '.', '_' and '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_once_clients(self):
+        """exactly-once needs a read_committed consumer and an idempotent producer; refuse pass-through
+        values that would silently undo either."""
+        if self.delivery != "exactly-once":
+            return self
+        if self.consumer.get("isolation_level", "read_committed") != "read_committed":
+            raise ValueError("delivery exactly-once reads with consumer.isolation_level read_committed; "
+                             f"remove consumer.isolation_level={self.consumer['isolation_level']!r}")
+        if self.producer.get("enable_idempotence", True) is not True:
+            raise ValueError("delivery exactly-once needs an idempotent producer; remove producer.enable_idempotence")
+        return self
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.delivery == "exactly-once"
+
+    @property
+    def transactional_id(self) -> str | None:
+        """The producer's transactional id in exactly-once mode: stable per agent and group, so a
+        restarted agent aborts what its previous run left open and fences a zombie of itself."""
+        if not self.exactly_once:
+            return None
+        agent = self.agent_id or "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+        return f"ama-stream-{self.group_id}-{agent}"
 
     def for_log(self) -> dict[str, Any]:
         """Plain data for the start-up log line (SecretStr values come out as '**********')."""

@@ -6,6 +6,8 @@ import logging
 import signal
 
 from ama_stream.runtimes import RUNTIMES
+
+DELIVERY_MODES = ("at-least-once", "exactly-once")  # ama_stream.agent.settings.Delivery (not imported: no kafka here)
 from ama_stream.settings import load_settings, parse_overrides, set_dotted
 
 log = logging.getLogger("ama_stream.serve")
@@ -21,6 +23,8 @@ _FLAGS = {
     "alerts_topic": "topics.alerts",
     "dlq_topic": "topics.dead_letter",
     "group_id": "group_id",
+    "delivery": "delivery",
+    "agent_id": "agent_id",
     "device": "device",
     "runtime": "runtime",
     "max_batch": "batching.max_batch",
@@ -45,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alerts-topic", metavar="T", help="topic for the records of anomalous frames")
     parser.add_argument("--dlq-topic", metavar="T", help="dead-letter topic for frames that cannot be scored")
     parser.add_argument("--group-id", metavar="G", help="consumer group (agents in one group share partitions)")
+    parser.add_argument("--delivery", choices=DELIVERY_MODES,
+                        help="at-least-once (default): a crash can repeat a frame's records; exactly-once: a batch's "
+                             "records and offsets in one Kafka transaction (consumers of the output topics must "
+                             "read with isolation_level=read_committed; docs/operations.md)")
+    parser.add_argument("--agent-id", metavar="ID",
+                        help="exactly-once: this agent's stable id, unique in its group and kept across restarts "
+                             "(transactional id ama-stream-GROUP-ID; default: the host name)")
     parser.add_argument("--device", metavar="D", help="auto, cpu or cuda:N")
     parser.add_argument("--runtime", choices=RUNTIMES,
                         help="scoring runtime: torch (default), or onnxruntime / openvino (CPU; the exported graph, "

@@ -4,6 +4,11 @@ The tests talk to a real Kafka-protocol broker: the embedded tansu broker by def
 cluster named by AMA_TEST_BOOTSTRAP (HOST:PORT). Every test uses its own topics and group,
 so they share one broker per session. Waiting is done by polling a condition with a generous
 deadline, never by sleeping a fixed time.
+
+Tests marked `broker_txn` need a broker that hides aborted transactions from read_committed
+consumers; the embedded tansu 0.6.0 does not (docs/operations.md), so there they are expected to
+fail (strict xfail: one that passes there is reported), and they must pass on an Apache Kafka
+named by AMA_TEST_BOOTSTRAP.
 """
 from __future__ import annotations
 
@@ -39,6 +44,18 @@ from ama_stream.settings import load_settings
 
 BOOTSTRAP_ENV = "AMA_TEST_BOOTSTRAP"
 REPO = Path(__file__).resolve().parents[2]
+TANSU_TXN_LIMIT = (
+    "the embedded tansu 0.6.0 answers a READ_COMMITTED Fetch with aborted_transactions=[] although the log holds "
+    "the transaction's abort marker, so consumers cannot skip aborted records (tests/agent/test_agent_exactly_once.py shows the "
+    "exchange); run with AMA_TEST_BOOTSTRAP=HOST:PORT of an Apache Kafka to check it")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get(BOOTSTRAP_ENV):
+        return
+    for item in items:
+        if item.get_closest_marker("broker_txn") is not None:
+            item.add_marker(pytest.mark.xfail(strict=True, reason=TANSU_TXN_LIMIT))
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
@@ -175,8 +192,9 @@ def publish(producer: KafkaProducer, topic: str, items: list[FeedItem], cameras:
 
 
 def read_all(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
-    """Every record currently in `topic` (all partitions, up to their end offsets at call time)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    """Every record currently in `topic` (all partitions, up to their end offsets at call time), read as
+    downstream consumers must: read_committed (records of aborted transactions are skipped)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed")
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(parts)
@@ -264,12 +282,13 @@ class AgentProcess:
     args: list[str]
     log_path: Path
     metrics_port: int
+    module: list[str] = field(default_factory=lambda: ["ama_stream.cli"])  # python -m MODULE [ARGS] serve ...
     proc: subprocess.Popen = field(init=False)
 
     def start(self) -> "AgentProcess":
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ama_stream.cli", "serve", *self.args,
+        self.proc = subprocess.Popen([sys.executable, "-m", *self.module, "serve", *self.args,
                                       "--metrics-port", str(self.metrics_port)],
                                      cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
         return self
@@ -307,8 +326,9 @@ class AgentProcess:
 def agent_processes(tmp_path) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
-    def start(args: list[str], name: str = "agent") -> AgentProcess:
-        proc = AgentProcess(args, tmp_path / f"{name}-{len(started)}.log", free_port()).start()
+    def start(args: list[str], name: str = "agent", module: list[str] | None = None) -> AgentProcess:
+        proc = AgentProcess(args, tmp_path / f"{name}-{len(started)}.log", free_port(),
+                            module or ["ama_stream.cli"]).start()
         started.append(proc)
         return proc
 
