@@ -183,8 +183,9 @@ class Agent:
 
 def read_scores(bootstrap: str, topic: str, n: int, timeout: float) -> list[tuple[float, dict]]:
     """(arrival time in ms, record) for n score records."""
+    # read_committed, as every consumer of the agent's output topics must (delivery: exactly-once)
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000,
-                             fetch_max_wait_ms=EMBEDDED_CONSUMER["fetch_max_wait_ms"])
+                             fetch_max_wait_ms=EMBEDDED_CONSUMER["fetch_max_wait_ms"], isolation_level="read_committed")
     consumer.assign([TopicPartition(topic, 0)])
     consumer.seek_to_beginning()
     out: list[tuple[float, dict]] = []

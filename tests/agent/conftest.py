@@ -46,8 +46,9 @@ BOOTSTRAP_ENV = "AMA_TEST_BOOTSTRAP"
 REPO = Path(__file__).resolve().parents[2]
 TANSU_TXN_LIMIT = (
     "the embedded tansu 0.6.0 answers a READ_COMMITTED Fetch with aborted_transactions=[] although the log holds "
-    "the transaction's abort marker, so consumers cannot skip aborted records (tests/agent/test_agent_exactly_once.py shows the "
-    "exchange); run with AMA_TEST_BOOTSTRAP=HOST:PORT of an Apache Kafka to check it")
+    "the transaction's abort marker, so consumers cannot skip aborted records (the exchange: "
+    "test_agent_exactly_once.py, docs/operations.md section 13); run with AMA_TEST_BOOTSTRAP=HOST:PORT of an "
+    "Apache Kafka to check it")
 
 
 def pytest_collection_modifyitems(config, items):

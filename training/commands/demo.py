@@ -205,8 +205,11 @@ def collect_scores(bootstrap: str, topic: str, out: ScoreLog, stop: threading.Ev
 
     from ama_stream.agent.broker import EMBEDDED_CONSUMER
 
+    # read_committed, as every consumer of the scores/alerts topics should: with `delivery: exactly-once`
+    # it skips the records of aborted transactions (on a broker that implements that; docs/operations.md)
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             fetch_max_wait_ms=EMBEDDED_CONSUMER["fetch_max_wait_ms"])
+                             fetch_max_wait_ms=EMBEDDED_CONSUMER["fetch_max_wait_ms"],
+                             isolation_level="read_committed")
     try:
         consumer.assign([TopicPartition(topic, 0)])
         consumer.seek_to_beginning()
