@@ -109,13 +109,15 @@ class _Stopped(Exception):
 
 
 def is_fenced(exc: BaseException | None) -> bool:
-    """ProducerFencedError, also when kafka-python wraps it ("... in an error state: ProducerFencedError")."""
+    """ProducerFencedError (or the INVALID_PRODUCER_EPOCH it stands for), also when kafka-python wraps
+    it: "Cannot execute transactional method because we are in an error state: ... ProducerFencedError"
+    names it only in the message."""
+    fenced = (ProducerFencedError, InvalidProducerEpochError)
     seen = 0
     while exc is not None and seen < 8:
-        if isinstance(exc, (ProducerFencedError, InvalidProducerEpochError)):
+        if isinstance(exc, fenced) or "ProducerFenced" in str(exc) or "PRODUCER_FENCED" in str(exc):
             return True
-        if any(isinstance(a, (ProducerFencedError, InvalidProducerEpochError))
-               or a in (ProducerFencedError, InvalidProducerEpochError) for a in getattr(exc, "args", ())):
+        if any(isinstance(a, fenced) or a in fenced for a in getattr(exc, "args", ())):
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False

@@ -28,6 +28,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import (
     CommitFailedError,
+    KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     ProducerFencedError,
@@ -230,6 +231,8 @@ def test_a_fenced_producer_stops_without_abort_or_retry():
     assert txns.publish(TxnBatch(_messages(1), {P0: 1}, committer.epoch())) is Outcome.FENCED
     assert producer.calls == ["begin", ("offsets", {0: 1}), "commit"] and producer.committed_offsets == {}
     assert is_fenced(Exception("in an error state", ProducerFencedError())) and not is_fenced(KafkaTimeoutError())
+    assert is_fenced(KafkaError("Cannot execute transactional method because we are in an error state: "
+                                "[Error 90] ProducerFencedError"))
 
 
 def test_offsets_refused_for_an_old_group_generation_drop_the_batch_and_rewind():
