@@ -90,7 +90,7 @@ from ama_stream.agent.broker import EMBEDDED_CONSUMER, EmbeddedBroker  # noqa: E
 from ama_stream.agent.feed import frame_headers  # noqa: E402
 from ama_stream.agent.frames import PNG  # noqa: E402
 from ama_stream.agent.kafka_io import ensure_topics, make_producer  # noqa: E402
-from ama_stream.agent.settings import AgentSettings, KafkaSection  # noqa: E402
+from ama_stream.agent.settings import KafkaSection  # noqa: E402
 
 
 def now_ms() -> float:
@@ -429,8 +429,9 @@ class Bench:
                "--max-wait-ms", str(a.max_wait_ms), "--metrics-port", "0", "--set", f"torch_threads={a.torch_threads}"]
         for key, value in self.consumer_settings.items():
             cmd += ["--set", f"consumer.{key}={value}"]
-        if a.delivery is not None:
-            cmd += ["--set", f"delivery={a.delivery}"]
+        # each agent its own id: under exactly-once it names the agent's transactional id, and agents
+        # sharing one would fence each other
+        cmd += ["--delivery", a.delivery, "--agent-id", name]
         for kv in a.agent_set:
             cmd += ["--set", kv]
         proc = AgentProc(name, cmd, self.work / f"{group}-{name}.log").start()
@@ -846,8 +847,9 @@ def main() -> int:
     p.add_argument("--max-poll-interval-ms", type=int, default=None,
                    help="also kafka-python's rebalance timeout (default: kafka-python's 300000)")
     p.add_argument("--fetch-max-wait-ms", type=int, default=EMBEDDED_CONSUMER["fetch_max_wait_ms"])
-    p.add_argument("--delivery", default=None, help="passed to the agents as --set delivery=VALUE (only if this "
-                   "checkout's agent settings have a `delivery` key); default: the agent's own")
+    p.add_argument("--delivery", choices=["at-least-once", "exactly-once"], default="at-least-once",
+                   help="the agents' delivery mode (on tansu, exactly-once duplicates are aborted records it does "
+                        "not filter: see docs/operations.md)")
     p.add_argument("--agent-set", action="append", default=[], metavar="KEY=VALUE", help="more agent settings (--set)")
     p.add_argument("--model", choices=sorted(MODELS), default="small")
     p.add_argument("--device", default="cpu")
@@ -858,10 +860,7 @@ def main() -> int:
     phases = {x.strip() for x in args.phases.split(",") if x.strip()}
     if phases - {"broker", "steady", "churn"}:
         p.error(f"unknown phases: {sorted(phases - {'broker', 'steady', 'churn'})}")
-    if args.delivery is not None and "delivery" not in AgentSettings.model_fields:
-        p.error("--delivery: this checkout's agent settings have no `delivery` key (at-least-once only)")
-    delivery = args.delivery or (str(AgentSettings.model_fields["delivery"].default)
-                                 if "delivery" in AgentSettings.model_fields else "at-least-once")
+    delivery = args.delivery
 
     work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
     log(f"work dir (agent logs, broker log): {work}")
