@@ -312,9 +312,7 @@ class Agent:
             committed = consumer.committed(tp)
             if committed is not None:
                 consumer.seek(tp, committed)
-            elif consumer.config.get("auto_offset_reset") == "latest":
-                consumer.seek_to_end(tp)
-            else:
+            else:  # never committed: from the beginning (settings refuse auto_offset_reset latest here)
                 consumer.seek_to_beginning(tp)
             moved.append(f"{tp.topic}[{tp.partition}]@{committed if committed is not None else 'reset'}")
         log.info("re-reading from the committed offsets: %s (%d buffered frames dropped)",

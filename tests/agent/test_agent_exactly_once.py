@@ -80,11 +80,19 @@ def test_exactly_once_is_opt_in_and_derives_a_stable_transactional_id():
     ({"delivery": "exactly-once", "consumer": {"isolation_level": "read_uncommitted"}}, "read_committed"),
     ({"delivery": "exactly-once", "producer": {"enable_idempotence": False}}, "idempotent producer"),
     ({"delivery": "exactly-once", "agent_id": "a b"}, "agent id uses only"),
+    ({"delivery": "exactly-once", "consumer": {"auto_offset_reset": "latest"}}, "'latest' would lose frames"),
+    ({"delivery": "exactly-once", "consumer": {"auto_offset_reset": "largest"}}, "'largest' would lose frames"),
     ({"delivery": "exactly-twice"}, "delivery"),
 ])
 def test_settings_that_would_undo_exactly_once_are_refused(overrides, message):
     with pytest.raises(SettingsError, match=message):
         _settings(**overrides)
+
+
+def test_auto_offset_reset_latest_stays_allowed_at_least_once_and_earliest_with_exactly_once():
+    assert consumer_config(_settings(consumer={"auto_offset_reset": "latest"}))["auto_offset_reset"] == "latest"
+    eos = _settings(delivery="exactly-once", consumer={"auto_offset_reset": "earliest"})
+    assert consumer_config(eos)["auto_offset_reset"] == "earliest"
 
 
 def test_serve_flags_set_the_delivery_and_the_agent_id(monkeypatch):
