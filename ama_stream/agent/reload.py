@@ -207,8 +207,9 @@ def model_message(value: bytes, origin: str) -> ModelRequest | None:
     def refused(why: str) -> ModelRequest:
         return ModelRequest("topic", origin, None, None, error=f"{origin}: model message {why}")
 
-    if payload.get("version") != MODEL_MESSAGE_VERSION:
-        return refused(f"version {payload.get('version')!r} is not supported (expected {MODEL_MESSAGE_VERSION})")
+    version = payload.get("version")
+    if type(version) is not int or version != MODEL_MESSAGE_VERSION:  # not True or 1.0, which equal 1
+        return refused(f"version {version!r} is not supported (expected {MODEL_MESSAGE_VERSION})")
     unknown = payload.keys() - _MODEL_KEYS
     if unknown:
         return refused(f"has unknown field(s) {', '.join(sorted(map(str, unknown)))}")

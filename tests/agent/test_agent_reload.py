@@ -242,12 +242,15 @@ def test_model_messages_are_parsed_and_malformed_ones_refused_with_the_reason():
         ({"version": 1, "checkpoint": "/m/b.pt", "calibration": 3}, "`calibration` as an absolute path"),
         ({"version": 1}, "`checkpoint`"),
         ({"version": 2, "checkpoint": "/m/b.pt"}, "version 2 is not supported"),
+        ({"version": True, "checkpoint": "/m/b.pt"}, "version True is not supported"),  # True == 1, not a version
+        ({"version": 1.0, "checkpoint": "/m/b.pt"}, "version 1.0 is not supported"),
         ({"version": 1, "checkpoint": "/m/b.pt", "weights": "x"}, "unknown field(s) weights"),
     ]:
         refused = model_message(json.dumps({"format": "ama-stream/model", **payload}).encode(), "t[0]@9")
         assert refused.error.startswith("t[0]@9: model message") and reason in refused.error, payload
     calibration = calibration_for("model-a").to_json_bytes()
-    for other in (calibration, b"not json", b"[" * 100_000, b'{"format": "ama-stream/model"' + b" " * 70_000 + b"}"):
+    # under the size cap but nested too deeply for json: the RecursionError branch
+    for other in (calibration, b"not json", b"[" * 10_000, b'{"format": "ama-stream/model"' + b" " * 70_000 + b"}"):
         assert model_message(other, "o") is None  # a calibration document (or garbage) for parse_calibration
 
 
