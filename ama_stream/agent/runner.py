@@ -281,7 +281,8 @@ class Agent:
             self._finished(batch, calibration, scored, done.publish_s)
 
     def _finished(self, batch: DecodedBatch, calibration: Calibration, scored: ScoredBatch, publish_s: float) -> None:
-        self.committer.mark_done(batch.positions, batch.epoch)
+        if self.transactions is None:  # exactly-once: end_transaction marked them done, with the commit
+            self.committer.mark_done(batch.positions, batch.epoch)
         self.accounting.add(batch, scored, publish_s)
         self.drift_watch.observe(calibration, scored)
         self.readiness.mark_ready()

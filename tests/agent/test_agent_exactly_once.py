@@ -356,7 +356,10 @@ def test_the_loop_through_a_rebalance_publishes_every_frame_in_exactly_one_commi
     records = {P0: _frames(0, 12), P1: _frames(1, 12)}
     consumer = TxnFakeConsumer(records, producer, rebalance)
     agent = _txn_agent_on_fakes(monkeypatch, consumer, producer)
+    marked = []
+    agent.committer.mark_done = lambda *a: marked.append(a)  # exactly-once: end_transaction's job alone
     assert agent.run() == 0
+    assert marked == [] and (agent.committer.done(P0), agent.committer.done(P1)) == (12, 12)
     scored = Counter(dict(h)["frame-id"].decode() for t, _, _, h in producer.committed_records if t == "scores")
     assert scored == Counter(f"{p}-{i}" for p in (0, 1) for i in range(12))  # each frame once
     assert producer.committed_offsets == {P0: 12, P1: 12} and consumer.commits == []  # only transactions commit
