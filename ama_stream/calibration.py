@@ -494,7 +494,7 @@ def _validated(payload: Any, expected_model_id: str | None, origin: str) -> Cali
 def load_calibration(path: str | os.PathLike, expected_model_id: str | None) -> Calibration:
     """Reads and validates a calibration file (refuses one made for another model)."""
     path = Path(path)
-    data = read_file_bytes(path, "calibration", CalibrationError)
+    data = read_file_bytes(path, "calibration", CalibrationError, MAX_CALIBRATION_BYTES)
     return parse_calibration(data, expected_model_id, str(path))
 
 

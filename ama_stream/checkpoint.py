@@ -35,6 +35,9 @@ from .preprocess import PreprocessSpec
 
 CHECKPOINT_FORMAT = "ama-stream/checkpoint"
 CHECKPOINT_VERSION = 1
+# far above any model this project trains (the default one, with its optimiser state for resuming,
+# is tens of MB); a bound on what one read may take, since a path can come from a control message
+MAX_CHECKPOINT_BYTES = 2 * 2**30
 
 
 class CheckpointError(ValueError):
@@ -118,7 +121,7 @@ def _require(payload: dict, key: str, kind: type | tuple[type, ...], path: Path)
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Reads and validates a checkpoint; tensors land on the CPU whatever device saved them."""
     path = Path(path)
-    data = read_file_bytes(path, "checkpoint", CheckpointError)
+    data = read_file_bytes(path, "checkpoint", CheckpointError, MAX_CHECKPOINT_BYTES)
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -2,20 +2,55 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 
-def read_file_bytes(path: Path, what: str, error: type[Exception]) -> bytes:
-    """The file's bytes; a missing, directory or unreadable path raises `error` naming the path and `what`."""
+def read_file_bytes(path: Path, what: str, error: type[Exception], max_bytes: int | None = None) -> bytes:
+    """The file's bytes; a missing, directory, unreadable or oversize path raises `error` naming the
+    path and `what`.
+
+    Only a regular file is read: the path may come from a message anyone can publish (a model
+    message on the control topic), and a FIFO or /dev/stdin would block the reader forever, /dev/zero
+    would fill memory. It is opened non-blocking (opening a FIFO without a writer does not wait),
+    checked with fstat on the descriptor read (no race with a rename), and at most `max_bytes` are read."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise error(f"{path}: no such {what} file") from None
     except IsADirectoryError:
         raise error(f"{path}: is a directory, expected a {what} file") from None
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise error(f"{path}: is a directory, expected a {what} file")
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{path}: is not a regular file ({_file_kind(st.st_mode)}), expected a {what} file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise error(f"{path}: {st.st_size} bytes is larger than a {what} file can be ({max_bytes})")
+        limit = max_bytes + 1 if max_bytes is not None else -1
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            data = f.read(limit)
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if max_bytes is not None and len(data) > max_bytes:  # grew while being read
+        raise error(f"{path}: more than {max_bytes} bytes, larger than a {what} file can be")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a plain file"
 
 
 def _current_umask() -> int:

@@ -314,8 +314,11 @@ class ScoreReader(threading.Thread):
 
     def __init__(self, bootstrap: str, topic: str):
         super().__init__(daemon=True, name="score-reader")
+        # read_committed, as downstream consumers must with --delivery exactly-once (aborted
+        # transactions' records are skipped); the same as read_uncommitted at-least-once
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000,
-                                      fetch_max_wait_ms=EMBEDDED_CONSUMER["fetch_max_wait_ms"])
+                                      fetch_max_wait_ms=EMBEDDED_CONSUMER["fetch_max_wait_ms"],
+                                      isolation_level="read_committed")
         self.tp = TopicPartition(topic, 0)
         self.consumer.assign([self.tp])
         self.consumer.seek_to_beginning(self.tp)
@@ -510,7 +513,8 @@ def _relay_worker(bootstrap: str, topic: str, scores: str, parts: list[int], n: 
                   out: mp.Queue) -> None:
     """A null agent: reads its partitions and publishes one score-sized JSON record per frame (acks=all)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=64,
-                             fetch_max_wait_ms=EMBEDDED_CONSUMER["fetch_max_wait_ms"])
+                             fetch_max_wait_ms=EMBEDDED_CONSUMER["fetch_max_wait_ms"],
+                             isolation_level="read_committed")  # reads frames as the agent does
     tps = [TopicPartition(topic, p) for p in parts]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)

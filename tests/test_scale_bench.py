@@ -124,3 +124,30 @@ def test_the_projection_is_capped_by_partitions_and_the_broker(sb):
     assert sb.projection(4, 900, 8000, 12) == 3600
     assert sb.projection(16, 900, 8000, 12) == 8000
     assert sb.projection(16, 100, 8000, 12) == 1200  # only 12 agents get a partition
+
+
+def test_scores_and_frames_are_read_committed_as_downstream_consumers_must(sb, monkeypatch):
+    """With --delivery exactly-once aborted transactions leave their records in the log: the score
+    reader (and the relay, reading frames as the agent does) must skip them."""
+    made = []
+
+    class Recorder:
+        def __init__(self, **config):
+            made.append(config)
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(sb, "KafkaConsumer", Recorder)
+    sb.ScoreReader("k:9092", "scores")
+
+    def stop_at_producer(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(sb, "make_producer", stop_at_producer)
+    with pytest.raises(Stop):
+        sb._relay_worker("k:9092", "frames", "scores", [0], 1, None, None)
+    assert len(made) == 2 and all(c.get("isolation_level") == "read_committed" for c in made)

@@ -83,7 +83,8 @@ class OffsetCommitter:
         return self.book.epoch()
 
     def mark_done(self, positions: dict[TopicPartition, int], epoch: int) -> None:
-        """A batch polled at `epoch` is acknowledged: its positions may be committed."""
+        """A batch polled at `epoch` is acknowledged: its positions may be committed (at-least-once;
+        exactly-once, `end_transaction` is the one that marks a committed batch's positions done)."""
         self.book.mark_done(positions, epoch)
 
     def halt(self) -> None:
@@ -155,7 +156,8 @@ class OffsetCommitter:
             return True
 
     def end_transaction(self, committed: dict[TopicPartition, int] | None = None, epoch: int = 0) -> None:
-        """(publish thread) The transaction ended; `committed`: the offsets it committed (None: aborted)."""
+        """(publish thread) The transaction ended; `committed`: the offsets it committed (None: aborted),
+        marked done and committed here, the only place that does in exactly-once mode."""
         with self._gate:
             if committed:
                 self.book.mark_done(committed, epoch)

@@ -134,7 +134,9 @@ class DecodeStage:
         return len(self._pending)
 
     def submit(self, batch: PolledBatch, decode: Callable[[PolledBatch], DecodedBatch]) -> None:
-        """`decode`: a FrameDecoder, or the model in force's `decode` (reload.Model)."""
+        """`decode`: what decodes this batch on the worker thread. The agent passes the model in
+        force's `Model.decode` (reload.py), which also records that model in the DecodedBatch, to
+        score and decide it; a bare FrameDecoder leaves `DecodedBatch.model` None (stage tests)."""
         self._pending.append(self._pool.submit(decode, batch))
 
     def decoded(self, wait: bool) -> Iterator[DecodedBatch]:

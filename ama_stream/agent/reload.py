@@ -35,7 +35,7 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -207,8 +207,9 @@ def model_message(value: bytes, origin: str) -> ModelRequest | None:
     def refused(why: str) -> ModelRequest:
         return ModelRequest("topic", origin, None, None, error=f"{origin}: model message {why}")
 
-    if payload.get("version") != MODEL_MESSAGE_VERSION:
-        return refused(f"version {payload.get('version')!r} is not supported (expected {MODEL_MESSAGE_VERSION})")
+    version = payload.get("version")
+    if type(version) is not int or version != MODEL_MESSAGE_VERSION:  # not True or 1.0, which equal 1
+        return refused(f"version {version!r} is not supported (expected {MODEL_MESSAGE_VERSION})")
     unknown = payload.keys() - _MODEL_KEYS
     if unknown:
         return refused(f"has unknown field(s) {', '.join(sorted(map(str, unknown)))}")
@@ -360,7 +361,7 @@ class ModelSwitch:
         self._lock = threading.Lock()  # use() may come from any thread, swaps from the loop: none undoes the other
         self._queue: deque[ModelRequest] = deque()
         self._loading: tuple[ModelRequest, Future[Loaded]] | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None  # the loader thread of the load in progress
         self._show()
 
     @property
@@ -402,10 +403,17 @@ class ModelSwitch:
                 self._take(item)
         self._start_next()
 
-    def close(self) -> None:
-        """Waits for a model being loaded (it is dropped) and stops the loader thread."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Waits up to `timeout_s` for a model being loaded (it is dropped), then returns anyway: a
+        load stuck in a read (a network file system) must not keep the agent from exiting, and the
+        loader thread is a daemon thread, so it does not hold up the interpreter's exit either."""
+        self._queue.clear()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.warning("the model load from %s did not finish within %.0f s; stopping without it",
+                            self._loading[0].origin if self._loading else "?", timeout_s)
 
     # -- calibrations ---------------------------------------------------------------------------
     def apply(self, update: Update) -> None:
@@ -445,11 +453,23 @@ class ModelSwitch:
         if self._loading is not None or not self._queue:
             return
         request = self._queue.popleft()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ama-model-load")
         log.info("loading a new model from %s (checkpoint %s, calibration %s)", request.origin, request.checkpoint,
                  request.calibration or "the checkpoint's statistics")
-        self._loading = (request, self._pool.submit(self.loader, request, self.model_id))
+        future: Future[Loaded] = Future()
+        future.set_running_or_notify_cancel()
+        loader, model_id = self.loader, self.model_id
+
+        def load() -> None:
+            try:
+                future.set_result(loader(request, model_id))
+            except BaseException as exc:  # noqa: BLE001 - handed to _collect, which refuses the request
+                future.set_exception(exc)
+
+        # one load at a time, on a daemon thread (not a ThreadPoolExecutor: its threads are joined
+        # at interpreter exit, so a load stuck in a read would keep the agent from ever exiting)
+        self._thread = threading.Thread(target=load, name="ama-model-load", daemon=True)
+        self._loading = (request, future)
+        self._thread.start()
 
     def _collect(self) -> None:
         """A finished load: the model swapped in, or the refusal counted."""

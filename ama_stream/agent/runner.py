@@ -36,6 +36,7 @@ from contextlib import ExitStack
 import kafka
 import torch
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 
 from ama_stream.calibration import Calibration
 from ama_stream.checkpoint import load_checkpoint
@@ -45,10 +46,10 @@ from ama_stream.settings import SettingsError, masked
 
 from .accounting import Accounting, AgentStats, DriftWatch, drift_monitor
 from .batcher import MicroBatcher
-from .commit import OffsetCommitter
+from .commit import OffsetCommitter, names
 from .decode import DecodedBatch, DecodeStage, FrameDecoder
 from .frames import FrameLimits
-from .kafka_io import connect_with_retry, make_consumer, make_producer
+from .kafka_io import connect_with_retry, describe, make_consumer, make_producer
 from .metrics import AgentMetrics, Health, HealthServer, Readiness
 from .outbox import Outbox
 from .probe import LagProbe
@@ -62,6 +63,9 @@ from .txn import Outcome, ProducerFenced, TransactionUnanswered, Transactions, T
 log = logging.getLogger(__name__)
 
 __all__ = ["Agent", "AgentStats"]
+
+# exactly-once rewind: how long one committed-offset fetch may hold up the loop (then retried next turn)
+OFFSET_FETCH_TIMEOUT_MS = 5000
 
 
 def _cpu_threads(requested: int | None) -> int:
@@ -108,6 +112,8 @@ class Agent:
                                          revoke_wait_s=_revoke_wait_s(settings))
         self.transactions: Transactions | None = None  # exactly-once only
         self.failure: RuntimeError | None = None  # exactly-once: why the agent stopped on its own (raised by run)
+        self._rewinding: set = set()  # exactly-once: partitions paused until re-positioned at their committed offset
+        self._rewind_failing = False  # fetching a committed offset failed (logged once per streak)
         # made by run() once the broker is reachable
         self.metrics_port: int | None = None
         self.consumer: KafkaConsumer | None = None
@@ -218,8 +224,10 @@ class Agent:
         while not self._stop.is_set():
             self.health.beat()
             got = self.batcher.poll(busy=len(self.decoding) > 0)
-            if self.transactions is not None and self.committer.take_rewind():
-                self._rewind()
+            if self.transactions is not None:
+                fresh = self.committer.take_rewind()
+                if fresh or self._rewinding:
+                    self._rewind(fresh)
             now = time.monotonic()
             self.models.check(now)  # between batches: each batch is decoded, scored and decided by one model
             self._decode()
@@ -273,7 +281,8 @@ class Agent:
             self._finished(batch, calibration, scored, done.publish_s)
 
     def _finished(self, batch: DecodedBatch, calibration: Calibration, scored: ScoredBatch, publish_s: float) -> None:
-        self.committer.mark_done(batch.positions, batch.epoch)
+        if self.transactions is None:  # exactly-once: end_transaction marked them done, with the commit
+            self.committer.mark_done(batch.positions, batch.epoch)
         self.accounting.add(batch, scored, publish_s)
         self.drift_watch.observe(calibration, scored)
         self.readiness.mark_ready()
@@ -301,24 +310,51 @@ class Agent:
             log.warning("stopping with %d frames in a transaction that did not commit; they stay uncommitted and "
                         "will be read again", batch.size)
 
-    def _rewind(self) -> None:
-        """Exactly-once, after a rebalance (or offsets refused for a stale generation): everything
-        polled before it is dropped, and the assigned partitions are read again from their committed
-        offsets (kafka-python keeps the position of a partition assigned again)."""
-        dropped = self.batcher.discard()
+    def _rewind(self, fresh: bool) -> None:
+        """Exactly-once, after a rebalance (or offsets refused for a stale group generation):
+        everything polled before it is dropped, and the assigned partitions are read again from their
+        committed offsets (kafka-python keeps the position of a partition assigned again).
+
+        `fresh`: a new rewind; else a retry of the partitions left pending. They are paused first, so
+        nothing is polled from one before it is re-positioned. The committed offset is fetched with a
+        timeout (without one kafka-python retries a retriable error, e.g. the broker away or
+        UNSTABLE_OFFSET_COMMIT while a transaction commits offsets of the group, for ever on this
+        thread); when that fails, the partitions left stay paused and pending, and the next loop turn
+        tries again."""
         consumer = self.consumer
+        assigned = consumer.assignment()
+        dropped = 0
+        if fresh:
+            dropped = self.batcher.discard()
+            self._rewinding = set(assigned)
+            if assigned:
+                consumer.pause(*assigned)
+        self._rewinding &= assigned  # one revoked meanwhile is its next owner's (a new rebalance starts afresh)
         moved = []
-        for tp in sorted(consumer.assignment()):
-            committed = consumer.committed(tp)
+        for tp in sorted(self._rewinding):
+            try:
+                committed = consumer.committed(tp, timeout_ms=OFFSET_FETCH_TIMEOUT_MS)
+            except KafkaError as exc:
+                self.readiness.broker_error("offset fetch", describe(exc))
+                if not self._rewind_failing:
+                    log.warning("fetching the committed offset of %s[%d] failed (%s); partitions %s stay paused "
+                                "and are re-positioned once it can be fetched", tp.topic, tp.partition, describe(exc),
+                                names(self._rewinding))
+                self._rewind_failing = True
+                break  # the broker is likely away for the others too: next turn
             if committed is not None:
                 consumer.seek(tp, committed)
-            elif consumer.config.get("auto_offset_reset") == "latest":
-                consumer.seek_to_end(tp)
-            else:
+            else:  # never committed: from the beginning (settings refuse auto_offset_reset latest here)
                 consumer.seek_to_beginning(tp)
-            moved.append(f"{tp.topic}[{tp.partition}]@{committed if committed is not None else 'reset'}")
-        log.info("re-reading from the committed offsets: %s (%d buffered frames dropped)",
-                 ", ".join(moved) or "no partitions assigned", dropped)
+            consumer.resume(tp)
+            self._rewinding.discard(tp)
+            moved.append(f"{tp.topic}[{tp.partition}]@{committed if committed is not None else 'beginning'}")
+        if not self._rewinding:
+            self._rewind_failing = False
+        if fresh or moved:
+            log.info("re-reading from the committed offsets: %s (%d buffered frames dropped)%s",
+                     ", ".join(moved) or "no partitions re-positioned yet", dropped,
+                     f"; still paused: {names(self._rewinding)}" if self._rewinding else "")
 
     def _should_exit(self, now: float) -> bool:
         s = self.settings

@@ -242,8 +242,8 @@ class AgentSettings(AmaSettings):
 
     @model_validator(mode="after")
     def _exactly_once_clients(self):
-        """exactly-once needs a read_committed consumer and an idempotent producer; refuse pass-through
-        values that would silently undo either."""
+        """exactly-once needs a read_committed consumer, an idempotent producer and a group that starts
+        at the oldest frame; refuse pass-through values that would silently undo any of them."""
         if self.delivery != "exactly-once":
             return self
         if self.consumer.get("isolation_level", "read_committed") != "read_committed":
@@ -251,6 +251,13 @@ class AgentSettings(AmaSettings):
                              f"remove consumer.isolation_level={self.consumer['isolation_level']!r}")
         if self.producer.get("enable_idempotence", True) is not True:
             raise ValueError("delivery exactly-once needs an idempotent producer; remove producer.enable_idempotence")
+        if self.consumer.get("auto_offset_reset", "earliest") in ("latest", "largest"):
+            # after a rebalance the loop re-reads each partition from its committed offset; a
+            # partition with none would be re-read from the end, skipping the frames dropped with
+            # the stale batches
+            raise ValueError("delivery exactly-once re-reads a partition without a committed offset from its "
+                             "beginning after a rebalance, so consumer.auto_offset_reset "
+                             f"{self.consumer['auto_offset_reset']!r} would lose frames; use earliest (the default)")
         return self
 
     @property

@@ -6,9 +6,9 @@ import logging
 import signal
 
 from ama_stream.runtimes import RUNTIMES
+from ama_stream.settings import load_settings, parse_overrides, set_dotted
 
 DELIVERY_MODES = ("at-least-once", "exactly-once")  # ama_stream.agent.settings.Delivery (not imported: no kafka here)
-from ama_stream.settings import load_settings, parse_overrides, set_dotted
 
 log = logging.getLogger("ama_stream.serve")
 

@@ -122,6 +122,8 @@ class FakeConsumer:
         self.committed: dict[TopicPartition, int] = {}
         self.commits: list[dict[TopicPartition, int]] = []
         self.revoked_commits: list[dict[TopicPartition, int]] = []  # commits naming a partition not assigned
+        self.paused: set[TopicPartition] = set()  # pause()d: poll() returns nothing of theirs
+        self.events: list[tuple] = []  # ("poll", n, tp, first offset, count), and subclasses' own
         self.closed = False
 
     def subscribe(self, topics, listener=None):
@@ -147,11 +149,12 @@ class FakeConsumer:
         self.before_poll(self.polls, self)
         out, budget = {}, max_records or 1 << 30
         share = -(-budget // max(1, len(self.assigned)))  # spread over the partitions, as fetches are
-        for tp in sorted(self.assigned):
+        for tp in sorted(self.assigned - self.paused):
             pos = self.position_of[tp]
             got = self.records[tp][pos : pos + min(share, budget)]
             if got:
                 out[tp] = got
+                self.events.append(("poll", self.polls, tp, pos, len(got)))
                 self.position_of[tp] = pos + len(got)
                 budget -= len(got)
         return out
@@ -181,6 +184,15 @@ class FakeConsumer:
 
     def assignment(self):
         return set(self.assigned)
+
+    def pause(self, *partitions):
+        assert all(tp in self.assigned for tp in partitions), "pause() of a partition not assigned"
+        self.paused |= set(partitions)
+        self.events.append(("pause", *sorted(partitions)))
+
+    def resume(self, *partitions):
+        self.paused -= set(partitions)
+        self.events.append(("resume", *sorted(partitions)))
 
     def end_offsets(self, partitions, timeout_ms=None):
         return {tp: len(self.records[tp]) for tp in partitions}

@@ -28,6 +28,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import (
     CommitFailedError,
+    GroupAuthorizationFailedError,
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
@@ -80,11 +81,19 @@ def test_exactly_once_is_opt_in_and_derives_a_stable_transactional_id():
     ({"delivery": "exactly-once", "consumer": {"isolation_level": "read_uncommitted"}}, "read_committed"),
     ({"delivery": "exactly-once", "producer": {"enable_idempotence": False}}, "idempotent producer"),
     ({"delivery": "exactly-once", "agent_id": "a b"}, "agent id uses only"),
+    ({"delivery": "exactly-once", "consumer": {"auto_offset_reset": "latest"}}, "'latest' would lose frames"),
+    ({"delivery": "exactly-once", "consumer": {"auto_offset_reset": "largest"}}, "'largest' would lose frames"),
     ({"delivery": "exactly-twice"}, "delivery"),
 ])
 def test_settings_that_would_undo_exactly_once_are_refused(overrides, message):
     with pytest.raises(SettingsError, match=message):
         _settings(**overrides)
+
+
+def test_auto_offset_reset_latest_stays_allowed_at_least_once_and_earliest_with_exactly_once():
+    assert consumer_config(_settings(consumer={"auto_offset_reset": "latest"}))["auto_offset_reset"] == "latest"
+    eos = _settings(delivery="exactly-once", consumer={"auto_offset_reset": "earliest"})
+    assert consumer_config(eos)["auto_offset_reset"] == "earliest"
 
 
 def test_serve_flags_set_the_delivery_and_the_agent_id(monkeypatch):
@@ -302,6 +311,7 @@ class TxnFakeConsumer(FakeConsumer):
 
     def seek(self, tp, offset):
         self.seeks.append((tp.partition, offset))
+        self.events.append(("seek", tp, offset))
         self.position_of[tp] = offset
 
     def seek_to_beginning(self, *tps):
@@ -315,6 +325,19 @@ class TxnFakeConsumer(FakeConsumer):
 def _frames(partition, n):
     return [record(partition=partition, offset=i, value=png(5 + i),
                    headers=[("frame-id", f"{partition}-{i}".encode()), ("camera-id", b"cam")]) for i in range(n)]
+
+
+def _txn_agent_on_fakes(monkeypatch, consumer, producer) -> Agent:
+    monkeypatch.setattr(runner_module, "make_consumer", lambda settings: consumer)
+    monkeypatch.setattr(runner_module, "make_producer", lambda *a, **k: producer)
+    import torch
+    settings = load_settings(AgentSettings, None, {
+        "kafka": {"bootstrap_servers": "fake:9092"}, "delivery": "exactly-once", "agent_id": "a",
+        "topics": {"frames": "frames", "scores": "scores", "alerts": "alerts", "dead_letter": "dlq"},
+        "metrics": {"enabled": False}, "device": "cpu", "torch_threads": torch.get_num_threads(),
+        "batching": {"max_batch": 4, "max_wait_ms": 5}, "idle_exit_s": 0.3, "drift": {"enabled": False}})
+    cal = fit_calibration(np.random.default_rng(0).normal(-0.9, 0.05, 400), "fake-model", Policy.make("upper", 0.01))
+    return Agent(settings, scorer=FakeScorer(), calibration=cal)
 
 
 def test_the_loop_through_a_rebalance_publishes_every_frame_in_exactly_one_committed_transaction(monkeypatch):
@@ -332,22 +355,60 @@ def test_the_loop_through_a_rebalance_publishes_every_frame_in_exactly_one_commi
     producer = FakeTxnProducer()
     records = {P0: _frames(0, 12), P1: _frames(1, 12)}
     consumer = TxnFakeConsumer(records, producer, rebalance)
-    monkeypatch.setattr(runner_module, "make_consumer", lambda settings: consumer)
-    monkeypatch.setattr(runner_module, "make_producer", lambda *a, **k: producer)
-    import torch
-    settings = load_settings(AgentSettings, None, {
-        "kafka": {"bootstrap_servers": "fake:9092"}, "delivery": "exactly-once", "agent_id": "a",
-        "topics": {"frames": "frames", "scores": "scores", "alerts": "alerts", "dead_letter": "dlq"},
-        "metrics": {"enabled": False}, "device": "cpu", "torch_threads": torch.get_num_threads(),
-        "batching": {"max_batch": 4, "max_wait_ms": 5}, "idle_exit_s": 0.3, "drift": {"enabled": False}})
-    cal = fit_calibration(np.random.default_rng(0).normal(-0.9, 0.05, 400), "fake-model", Policy.make("upper", 0.01))
-    agent = Agent(settings, scorer=FakeScorer(), calibration=cal)
+    agent = _txn_agent_on_fakes(monkeypatch, consumer, producer)
+    marked = []
+    agent.committer.mark_done = lambda *a: marked.append(a)  # exactly-once: end_transaction's job alone
     assert agent.run() == 0
+    assert marked == [] and (agent.committer.done(P0), agent.committer.done(P1)) == (12, 12)
     scored = Counter(dict(h)["frame-id"].decode() for t, _, _, h in producer.committed_records if t == "scores")
     assert scored == Counter(f"{p}-{i}" for p in (0, 1) for i in range(12))  # each frame once
     assert producer.committed_offsets == {P0: 12, P1: 12} and consumer.commits == []  # only transactions commit
     assert consumer.seeks  # the rewind after the rebalance
     assert agent.metrics.transactions.labels(result="dropped")._value.get() >= 1
+
+
+def test_a_committed_offset_that_cannot_be_fetched_keeps_its_partition_paused_until_the_rewind_completes(
+        monkeypatch, caplog):
+    """After the rebalance, fetching P1's committed offset fails twice (a timeout: the broker away or a
+    transaction still committing offsets; then a non-retriable error): the agent neither hangs nor
+    crashes, nothing is polled from P1 until it is re-positioned at its committed offset on a later
+    turn, P0 goes on meanwhile, and each frame is in exactly one committed transaction."""
+    def rebalance(n, c):
+        if n == 3:
+            c.revoke([P0, P1])
+            c.assign([P0, P1])
+
+    producer = FakeTxnProducer()
+    consumer = TxnFakeConsumer({P0: _frames(0, 12), P1: _frames(1, 12)}, producer, rebalance)
+    failures = [KafkaTimeoutError("Failed to get offsets by times in 5000 ms"),
+                GroupAuthorizationFailedError("not authorized")]
+    timeouts = []
+
+    def committed(tp, timeout_ms=None):
+        timeouts.append(timeout_ms)
+        if tp == P1 and failures:
+            consumer.events.append(("committed failed", tp))
+            raise failures.pop(0)
+        return producer.committed_offsets.get(tp)
+
+    consumer.committed = committed
+    agent = _txn_agent_on_fakes(monkeypatch, consumer, producer)
+    assert agent.run() == 0
+    assert not failures and timeouts and all(t is not None and t > 0 for t in timeouts)
+    events = consumer.events
+    paused_at = events.index(("pause", P0, P1))
+    failed_at = events.index(("committed failed", P1))
+    seek_p1 = next(i for i, e in enumerate(events) if e[0] == "seek" and e[1] == P1)
+    resumed_p1 = next(i for i, e in enumerate(events) if e[0] == "resume" and P1 in e[1:])
+    assert paused_at < failed_at < seek_p1 < resumed_p1
+    between = events[paused_at:resumed_p1]
+    assert not [e for e in between if e[0] == "poll" and e[2] == P1]  # nothing polled from P1 while pending
+    assert [e for e in between if e[0] == "poll" and e[2] == P0]  # P0 was re-positioned and read meanwhile
+    scored = Counter(dict(h)["frame-id"].decode() for t, _, _, h in producer.committed_records if t == "scores")
+    assert scored == Counter(f"{p}-{i}" for p in (0, 1) for i in range(12))  # each frame once
+    assert producer.committed_offsets == {P0: 12, P1: 12} and not consumer.paused
+    assert "stay paused and are re-positioned once it can be fetched" in caplog.text
+    assert caplog.text.count("fetching the committed offset") == 1  # once per failure streak
 
 
 # -- against the broker ----------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import threading
 import time
 from collections import defaultdict
@@ -28,7 +30,7 @@ from ama_stream.agent.reload import (
 )
 from ama_stream.calibration import Calibration, Policy, fit_calibration, load_calibration
 from ama_stream.checkpoint import load_checkpoint, save_checkpoint
-from ama_stream.fileio import atomic_write_bytes
+from ama_stream.fileio import atomic_write_bytes, read_file_bytes
 from ama_stream.preprocess import PreprocessSpec
 from ama_stream.scoring import Scorer
 
@@ -240,12 +242,15 @@ def test_model_messages_are_parsed_and_malformed_ones_refused_with_the_reason():
         ({"version": 1, "checkpoint": "/m/b.pt", "calibration": 3}, "`calibration` as an absolute path"),
         ({"version": 1}, "`checkpoint`"),
         ({"version": 2, "checkpoint": "/m/b.pt"}, "version 2 is not supported"),
+        ({"version": True, "checkpoint": "/m/b.pt"}, "version True is not supported"),  # True == 1, not a version
+        ({"version": 1.0, "checkpoint": "/m/b.pt"}, "version 1.0 is not supported"),
         ({"version": 1, "checkpoint": "/m/b.pt", "weights": "x"}, "unknown field(s) weights"),
     ]:
         refused = model_message(json.dumps({"format": "ama-stream/model", **payload}).encode(), "t[0]@9")
         assert refused.error.startswith("t[0]@9: model message") and reason in refused.error, payload
     calibration = calibration_for("model-a").to_json_bytes()
-    for other in (calibration, b"not json", b"[" * 100_000, b'{"format": "ama-stream/model"' + b" " * 70_000 + b"}"):
+    # under the size cap but nested too deeply for json: the RecursionError branch
+    for other in (calibration, b"not json", b"[" * 10_000, b'{"format": "ama-stream/model"' + b" " * 70_000 + b"}"):
         assert model_message(other, "o") is None  # a calibration document (or garbage) for parse_calibration
 
 
@@ -293,6 +298,95 @@ def test_the_model_loader_builds_a_warmed_model_for_its_own_input_and_refuses_ba
     ]:
         result = loader(request, old_id)
         assert result.model is None and reason in result.error, (request.checkpoint, result.error)
+
+
+def test_model_messages_naming_a_fifo_or_a_device_are_refused_promptly_and_the_switch_keeps_working(
+        switches, other_checkpoint, tmp_path, caplog):
+    """A path from a control message is only read if it is a regular file: a FIFO (or /dev/stdin)
+    would block the loader thread forever, /dev/zero would fill memory."""
+    fifo = tmp_path / "model.fifo"
+    os.mkfifo(fifo)
+    cal = tmp_path / "cal.json"
+    calibration_for("model-b").save(cal)
+
+    def make_scorer(checkpoint):  # never reached: the files are refused first
+        raise AssertionError("a scorer was made for a refused request")
+
+    metrics = AgentMetrics()
+    old = fake_model("model-a")
+    switch = switches(old, metrics, loader=ModelLoader(make_scorer, FrameLimits(), warm_batch=2))
+    requests = [
+        (fifo, None, "is not a regular file (a FIFO), expected a checkpoint file"),
+        (Path("/dev/zero"), None, "is not a regular file (a character device), expected a checkpoint file"),
+        (tmp_path, None, "is a directory, expected a checkpoint file"),
+    ]
+    checkpoint = other_checkpoint  # a valid checkpoint, with a calibration that is not a file
+    requests += [(checkpoint, fifo, "is not a regular file (a FIFO), expected a calibration file"),
+                 (checkpoint, Path("/dev/zero"), "is not a regular file (a character device), expected a calibration file")]
+    start = time.monotonic()
+    for i, (ckpt, calibration, _) in enumerate(requests):
+        switch.request(ModelRequest("topic", f"t[0]@{i}", ckpt, calibration))
+        settle(switch)
+    assert time.monotonic() - start < 30
+    assert switch.current is old and count(metrics, "refused", "topic") == len(requests)
+    for _, _, reason in requests:
+        assert reason in caplog.text
+    switch.use(calibration_for("model-a", seed=4))  # still working
+    start = time.monotonic()
+    switch.close()
+    assert time.monotonic() - start < 5
+
+
+def test_a_watched_checkpoint_replaced_by_a_fifo_is_refused_and_the_files_are_still_watched(switches, tmp_path):
+    write_pair(tmp_path, "model-a", calibration_for("model-a"))
+    files = ModelFiles(tmp_path / "model.pt", tmp_path / "calibration.json", check_every_s=0)
+    metrics = AgentMetrics()
+    loader = ModelLoader(lambda checkpoint: None, FrameLimits(), warm_batch=2)
+    switch = switches(fake_model("model-a", files.initial_calibration("model-a")), metrics, files, loader,
+                      needs_calibration=True)
+    (tmp_path / "model.pt").unlink()
+    os.mkfifo(tmp_path / "model.pt")
+    settle(switch)
+    assert count(metrics, "refused", "file") == 1 and switch.model_id == "model-a"
+    # the loader is free again, so the files are still looked at (they are not while a model loads):
+    # the calibration changing retries the pair, which is refused again at once
+    atomic_write_bytes(tmp_path / "calibration.json", calibration_for("model-a", seed=7).to_json_bytes())
+    settle(switch)
+    assert count(metrics, "refused", "file") == 2 and switch.model_id == "model-a"
+
+
+def test_read_file_bytes_refuses_what_is_not_a_regular_file_or_too_large(tmp_path):
+    class Refused(Exception):
+        pass
+
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 101)
+    (tmp_path / "ok").write_bytes(b"x" * 100)
+    for path, reason in [(fifo, "not a regular file (a FIFO)"), (Path("/dev/zero"), "a character device"),
+                         (tmp_path, "is a directory"), (tmp_path / "missing", "no such thing file"),
+                         (big, "101 bytes is larger than a thing file can be (100)")]:
+        with pytest.raises(Refused, match=re.escape(reason)):
+            read_file_bytes(path, "thing", Refused, max_bytes=100)
+    assert read_file_bytes(tmp_path / "ok", "thing", Refused, max_bytes=100) == b"x" * 100
+
+
+def test_closing_the_switch_does_not_wait_for_a_stuck_load(switches):
+    stuck = threading.Event()
+
+    def stuck_loader(request, current_model_id):
+        stuck.set()
+        threading.Event().wait(3600)  # a read that never returns
+
+    switch = switches(fake_model("model-a"), AgentMetrics(), loader=stuck_loader)
+    switch.request(ModelRequest("topic", "t[0]@1", Path("/models/b.pt"), None))
+    switch.check(time.monotonic())
+    assert stuck.wait(30)
+    start = time.monotonic()
+    switch.close(timeout_s=0.5)
+    assert time.monotonic() - start < 5
+    assert switch._thread.daemon  # nor does it hold up the interpreter's exit
 
 
 # --------------------------------------------------------------------------- the whole loop on fakes
