@@ -32,9 +32,34 @@ from .settings import RetrySection
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_REFUSALS", "OutMessage", "Publisher"]
+__all__ = ["MAX_REFUSALS", "OutMessage", "Publisher", "RetryPause"]
 
 MAX_REFUSALS = 3  # non-retriable failures of one record before its fallback takes its place
+
+
+class RetryPause:
+    """The wait between two tries of a batch: a growing backoff, beyond which a stop request is
+    honoured once it is `grace_s` old (the records in flight get that long to be acknowledged)."""
+
+    def __init__(self, retry: RetrySection, stop: threading.Event, grace_s: float):
+        self.backoff = Backoff(retry.initial_s, retry.max_s)
+        self.stop = stop
+        self.grace_s = grace_s
+        self._stop_seen: float | None = None
+
+    def next_delay(self) -> float | None:
+        """Seconds to wait before the next try, or None: stop now."""
+        if self.stop.is_set():
+            self._stop_seen = self._stop_seen or time.monotonic()
+            if time.monotonic() - self._stop_seen > self.grace_s:
+                return None
+        return self.backoff.next()
+
+    def sleep(self, delay: float) -> None:
+        if self.stop.is_set():
+            time.sleep(delay)  # within the grace period; stop.wait would return at once
+        else:
+            self.stop.wait(delay)
 
 
 class Publisher:
@@ -81,7 +106,7 @@ class Publisher:
         self.on_give_up(msg.topic, why)
         return nxt
 
-    def _settle(self, msg: OutMessage, error: BaseException) -> OutMessage | None:
+    def settle(self, msg: OutMessage, error: BaseException) -> OutMessage | None:
         """The message to send again after `error`: the same (retriable), its next refusal count, its
         fallback once refused MAX_REFUSALS times (or at once when too large), or None (given up)."""
         if getattr(error, "retriable", False):
@@ -102,7 +127,7 @@ class Publisher:
         Messages given up at once (refused, with nothing smaller to send) are left out."""
         return [(msg, fut) for msg, fut in map(self._send, messages) if fut is not None]
 
-    def _collect(self, sent, heartbeat) -> tuple[list[OutMessage], list[BaseException], bool]:
+    def collect(self, sent, heartbeat) -> tuple[list[OutMessage], list[BaseException], bool]:
         """Waits for `sent`: (messages to send again, their errors, True if a stop cut the wait short)."""
         failed: list[OutMessage] = []
         errors: list[BaseException] = []
@@ -130,14 +155,13 @@ class Publisher:
 
     def wait(self, sent: list[tuple[OutMessage, object]], heartbeat=lambda: None) -> bool:
         """True once every message is acknowledged; False only if a stop request cut the retries short."""
-        backoff = Backoff(self.retry.initial_s, self.retry.max_s)
+        pause = RetryPause(self.retry, self.stop, self.grace_s)
         total = len(sent)
-        stop_seen: float | None = None
         while sent:
-            failed, errors, cut_short = self._collect(sent, heartbeat)
+            failed, errors, cut_short = self.collect(sent, heartbeat)
             if cut_short:
                 return False
-            todo = [m for m in (self._settle(m, e) for m, e in zip(failed, errors)) if m is not None]
+            todo = [m for m in (self.settle(m, e) for m, e in zip(failed, errors)) if m is not None]
             if not todo:
                 return True
             outage = [e for e in errors if getattr(e, "retriable", False)]
@@ -148,23 +172,18 @@ class Publisher:
                 sent = self.send(todo)
                 continue
             self.on_error("publish", reason)
-            if self.stop.is_set():
-                stop_seen = stop_seen or time.monotonic()
-                if time.monotonic() - stop_seen > self.grace_s:
-                    return False
-            delay = backoff.next()
+            delay = pause.next_delay()
+            if delay is None:
+                return False
             log.warning("publishing %d of %d records failed (%s); retrying in %.1f s", len(todo), total, reason, delay)
             heartbeat()
-            if self.stop.is_set():
-                time.sleep(delay)  # within the grace period; stop.wait would return at once
-            else:
-                self.stop.wait(delay)
-            if fatal and not self._replace_producer(reason):
+            pause.sleep(delay)
+            if fatal and not self.replace_producer(reason):
                 return False
             sent = self.send(todo)
         return True
 
-    def _replace_producer(self, reason: str) -> bool:
+    def replace_producer(self, reason: str) -> bool:
         log.warning("replacing the producer after a non-retriable error (%s)", reason)
         old = self.producer
         try:

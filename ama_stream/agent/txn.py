@@ -51,8 +51,8 @@ from kafka.errors import (
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from .commit import OffsetCommitter
-from .kafka_io import Backoff, describe
-from .publish import Publisher
+from .kafka_io import describe
+from .publish import Publisher, RetryPause
 from .records import OutMessage
 from .settings import RetrySection
 
@@ -159,9 +159,8 @@ class Transactions:
     def publish(self, batch: TxnBatch, heartbeat: Callable[[], None] = lambda: None) -> Outcome:
         """Publishes `batch` in a transaction with its offsets; retries (abort, new transaction) until
         it commits, turns stale, is fenced or a stop request cuts it short."""
-        backoff = Backoff(self.retry.initial_s, self.retry.max_s)
+        pause = RetryPause(self.retry, self.stop, self.grace_s)
         messages = batch.messages
-        stop_seen: float | None = None
         while True:
             if not self.committer.begin_transaction(batch.epoch):
                 self.on_outcome("dropped")
@@ -196,18 +195,13 @@ class Transactions:
                 return Outcome.STALE
             reason = describe(error)
             self.on_error("publish", reason)
-            if self.stop.is_set():
-                stop_seen = stop_seen or time.monotonic()
-                if time.monotonic() - stop_seen > self.grace_s:
-                    return Outcome.STOPPED
-            delay = backoff.next()
+            delay = pause.next_delay()
+            if delay is None:
+                return Outcome.STOPPED
             log.warning("transaction of %d records aborted (%s); publishing the batch again in a new transaction "
                         "in %.1f s", len(messages), reason, delay)
             heartbeat()
-            if self.stop.is_set():
-                time.sleep(delay)
-            else:
-                self.stop.wait(delay)
+            pause.sleep(delay)
 
     def _attempt(self, messages: list[OutMessage], positions: dict[TopicPartition, int],
                  heartbeat) -> tuple[list[OutMessage], BaseException | None]:
@@ -219,7 +213,7 @@ class Transactions:
         except KafkaError as exc:
             return messages, self._after_failure(exc, heartbeat)
         sent = self.publisher.send(messages)
-        failed, errors, cut_short = self.publisher._collect(sent, heartbeat)
+        failed, errors, cut_short = self.publisher.collect(sent, heartbeat)
         if cut_short:
             raise _Stopped()
         if failed:
@@ -243,7 +237,7 @@ class Transactions:
         """Inside a transaction one record's error fails all the others too: only errors naming the
         record count as its refusal (then its fallback after MAX_REFUSALS, at once when too large)."""
         if isinstance(error, _RECORD_REFUSALS):
-            return self.publisher._settle(msg, error)
+            return self.publisher.settle(msg, error)
         return msg
 
     def _after_failure(self, error: BaseException, heartbeat) -> BaseException:
@@ -271,7 +265,7 @@ class Transactions:
                 log.warning("abort failed while stopping (%s); the broker aborts the transaction", describe(exc))
                 return
             log.warning("abort failed (%s); replacing the producer", describe(exc))
-        if not self.publisher._replace_producer("the transaction could not be aborted"):
+        if not self.publisher.replace_producer("the transaction could not be aborted"):
             raise _Stopped(abort_tried=True)  # stopping: no new producer
 
     def _bounded(self, call: Callable[[], Any], heartbeat, grace_s: float | None = None, what: str = "") -> Any:
