@@ -84,7 +84,11 @@ def main() -> int:
     p.add_argument("--baseline", action="append", default=[], choices=["pca", "autoencoder"],
                    help="also run this baseline on the same images (repeatable)")
     p.add_argument("--holdout", metavar="SOURCE", help="a second anomaly set scored against the same normal test images")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="skip AMA: only the --baseline methods, at the preset's step budget (jsonl only)")
     args = p.parse_args()
+    if args.baselines_only and not args.baseline:
+        p.error("--baselines-only needs at least one --baseline")
     configure_logging("INFO")
     preset = Path(args.config).stem
     metric_keys = ("auroc_a", "auroc_r", "aupr_a", "aupr_r", "f1_a", "far_a", "n_normal", "n_anomaly")
@@ -93,15 +97,19 @@ def main() -> int:
         data_root = resolve_data_root(cfg.data_root)
         data = build_protocol(cfg.data, data_root, seed)
         out = Path(args.out) / f"{preset}-{args.label.replace(' ', '_').replace('/', '')}-seed{seed}"
-        t0 = time.monotonic()
-        ckpt = train(cfg, out_dir=out, data=data)
-        wall = time.monotonic() - t0
-        m = ckpt.metrics
         row = {"date": date.today().isoformat(), "commit": commit(), "preset": preset, "variant": args.label,
-               "overrides": args.set, "seed": seed, "steps": m["steps"], "wall_s": round(wall, 1),
-               **{k: m[k] for k in metric_keys},
-               **{k: v for k, v in m.items() if k.startswith(("recall_", "far_"))}}
-        if args.holdout:
+               "overrides": args.set, "seed": seed}
+        t0 = time.monotonic()
+        if args.baselines_only:
+            steps = cfg.train.epochs * cfg.train.steps_per_epoch
+            row.update(steps=steps, n_normal=data.test.n_normal, n_anomaly=data.test.n_anomaly)
+        else:
+            ckpt = train(cfg, out_dir=out, data=data)
+            m = ckpt.metrics
+            steps = m["steps"]
+            row.update(steps=steps, wall_s=round(time.monotonic() - t0, 1), **{k: m[k] for k in metric_keys},
+                       **{k: v for k, v in m.items() if k.startswith(("recall_", "far_"))})
+        if args.holdout and not args.baselines_only:
             test = build_test_set(cfg.data, data_root, seed, anomaly=parse_source(args.holdout))
             hold = detection_metrics(Scorer(ckpt, device=cfg.device).r_scores(test.images), test.labels,
                                      Calibration.from_checkpoint(ckpt))
@@ -109,8 +117,10 @@ def main() -> int:
         if "pca" in args.baseline:
             row["pca"] = pca_baseline(data.train, data.test.images, data.test.labels, seed)
         if "autoencoder" in args.baseline:
-            row["autoencoder"] = autoencoder_baseline(cfg, data.train, data.test.images, data.test.labels, m["steps"])
-        append_row(row, markdown=not args.no_md)
+            row["autoencoder"] = autoencoder_baseline(cfg, data.train, data.test.images, data.test.labels, steps)
+        if args.baselines_only:
+            row["wall_s"] = round(time.monotonic() - t0, 1)
+        append_row(row, markdown=not (args.no_md or args.baselines_only))
         print(json.dumps(row))
     return 0
 

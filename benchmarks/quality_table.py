@@ -17,7 +17,17 @@ import numpy as np
 
 RESULTS_JSONL = Path(__file__).resolve().parent / "results" / "quality.jsonl"
 COLUMNS = (("auroc_a", "AUROC A"), ("auroc_r", "AUROC R"), ("aupr_r", "AUPR R"),
-           ("recall_upper@0.01", "recall @1%"), ("far_upper@0.01", "FAR @1%"), ("recall_upper@0.001", "recall @0.1%"))
+           ("recall_upper@0.01", "recall @1%"), ("far_upper@0.01", "FAR @1%"), ("recall_upper@0.001", "recall @0.1%"),
+           ("holdout.auroc_r", "hold-out R"), ("pca.auroc", "PCA"), ("autoencoder.auroc", "autoencoder"))
+
+
+def value(row: dict, key: str):
+    """row[key], where a dotted key walks into nested records ("pca.auroc"); None if absent."""
+    for part in key.split("."):
+        if not isinstance(row, dict) or row.get(part) is None:
+            return None
+        row = row[part]
+    return row
 
 
 def load(path: Path, preset: str | None, since: str | None) -> list[dict]:
@@ -39,7 +49,7 @@ def summarise(rows: list[dict], variants: list[str] | None) -> list[dict]:
         rs = sorted(groups[(preset, variant)], key=lambda r: r["seed"])
         cells = {}
         for key, _ in COLUMNS:
-            values = np.array([r[key] for r in rs if r.get(key) is not None], dtype=float)
+            values = np.array([v for r in rs if (v := value(r, key)) is not None], dtype=float)
             cells[key] = (values.mean(), values.std(), len(values)) if len(values) else None
         minutes = [r["wall_s"] / 60 for r in rs]
         out.append({"preset": preset, "variant": variant, "seeds": [r["seed"] for r in rs], "cells": cells,
