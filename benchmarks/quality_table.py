@@ -18,12 +18,12 @@ import numpy as np
 RESULTS_JSONL = Path(__file__).resolve().parent / "results" / "quality.jsonl"
 COLUMNS = (("auroc_a", "AUROC A"), ("auroc_r", "AUROC R"), ("aupr_r", "AUPR R"),
            ("recall_upper@0.01", "recall @1%"), ("far_upper@0.01", "FAR @1%"), ("recall_upper@0.001", "recall @0.1%"),
-           ("holdout.auroc_r", "hold-out R"), ("pca.auroc", "PCA"), ("autoencoder.auroc", "autoencoder"))
+           ("holdout/auroc_r", "hold-out R"), ("pca/auroc", "PCA"), ("autoencoder/auroc", "autoencoder"))
 
 
 def value(row: dict, key: str):
-    """row[key], where a dotted key walks into nested records ("pca.auroc"); None if absent."""
-    for part in key.split("."):
+    """row[key], where a key with slashes walks into nested records ("pca/auroc"); None if absent."""
+    for part in key.split("/"):
         if not isinstance(row, dict) or row.get(part) is None:
             return None
         row = row[part]

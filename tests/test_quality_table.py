@@ -20,7 +20,7 @@ def table():
 
 def _row(variant, seed, auroc_r, **extra):
     return {"date": "2026-12-03", "preset": "p", "variant": variant, "seed": seed, "steps": 500,
-            "wall_s": 60.0, "auroc_r": auroc_r, **extra}
+            "wall_s": 60.0, "auroc_r": auroc_r, "recall_upper@0.01": 0.5, **extra}
 
 
 def test_mean_std_over_seeds_with_nested_baselines_and_newest_row_winning(table, tmp_path):
@@ -34,15 +34,16 @@ def test_mean_std_over_seeds_with_nested_baselines_and_newest_row_winning(table,
     [s] = table.summarise(table.load(path, "p", None), ["v"])
     assert s["seeds"] == [0, 1, 2]
     assert s["cells"]["auroc_r"] == (pytest.approx(0.92), pytest.approx(0.016330, abs=1e-6), 3)
-    assert s["cells"]["pca.auroc"] == (pytest.approx(0.82), pytest.approx(0.02), 2)
-    assert s["cells"]["autoencoder.auroc"] == (pytest.approx(0.70), 0.0, 1)
-    assert s["cells"]["holdout.auroc_r"][2] == 1
+    assert s["cells"]["pca/auroc"] == (pytest.approx(0.82), pytest.approx(0.02), 2)
+    assert s["cells"]["autoencoder/auroc"] == (pytest.approx(0.70), 0.0, 1)
+    assert s["cells"]["holdout/auroc_r"][2] == 1
     assert s["cells"]["auroc_a"] is None
+    assert s["cells"]["recall_upper@0.01"] == (0.5, 0.0, 3)  # a dot in a plain key is not a path
     text = table.markdown([s])
     assert "0.920 +- 0.016" in text and "| 0.820 +- 0.020 |" in text
 
 
-def test_value_walks_dotted_keys_and_tolerates_gaps(table):
-    assert table.value({"pca": {"auroc": 0.7}}, "pca.auroc") == 0.7
-    assert table.value({"pca": None}, "pca.auroc") is None
-    assert table.value({"auroc_r": 0.9}, "holdout.auroc_r") is None
+def test_value_walks_nested_keys_and_tolerates_gaps(table):
+    assert table.value({"pca": {"auroc": 0.7}}, "pca/auroc") == 0.7
+    assert table.value({"pca": None}, "pca/auroc") is None
+    assert table.value({"auroc_r": 0.9}, "holdout/auroc_r") is None

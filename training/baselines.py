@@ -79,7 +79,7 @@ def autoencoder_baseline(cfg: TrainConfig, train: np.ndarray, test: np.ndarray, 
         loss.backward()
         opt.step()
         if (step + 1) % max(cfg.train.log_every, 1) == 0:
-            log.info("autoencoder step %d/%d l2=%.4g", step + 1, steps, float(loss))
+            log.info("autoencoder step %d/%d l2=%.4g", step + 1, steps, float(loss.detach()))
     e.eval(), g.eval()
     errors = []
     with torch.inference_mode():
