@@ -79,7 +79,8 @@ class Scorer:
     - channels_last: NHWC activations. Default (None): on for the CPU, where it measured faster,
       off on CUDA until measured there.
     - precision: "float32" (default), or "bfloat16"/"float16" autocast for E, G and the critic; the
-      fused tail reads the half-precision activation and accumulates in float32. On this project's
+      fused tail reads the half-precision activation and accumulates in float32 (float16 is refused
+      for a model without spectral norm: its unbounded critic overflows float16). On this project's
       CPUs (AVX2, no native bf16/fp16 math) autocast measured several times slower: meant for GPUs.
     - compile_mode: None (eager, default) or a torch.compile mode ("default", "reduce-overhead" =
       CUDA graphs, "max-autotune") for E, G and the critic. Shapes are static: each new batch size
@@ -110,6 +111,10 @@ class Scorer:
                 raise ValueError(f"runtime {runtime} runs on the CPU; use device cpu (or auto) with it")
             device = "cpu"
         self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        if precision == "float16" and not self.checkpoint.model.spectral_norm:
+            # nothing bounds such a critic: trained ones reach activations of ~1e8, float16 ends at 65504
+            raise ValueError("precision float16 cannot score a model trained without spectral norm (its critic's "
+                             "activations overflow float16); use bfloat16, which has float32's range, or float32")
         self.device = resolve_device(device)
         self.channels_last = self.device.type == "cpu" if channels_last is None else bool(channels_last)
         self.precision = precision

@@ -13,9 +13,10 @@ from ama_stream.calibration import Calibration
 from ama_stream.scoring import Scorer, Scores
 
 
-def tiny_checkpoint(channels: int = 3, mirrored: bool = True, seed: int = 0) -> Checkpoint:
+def tiny_checkpoint(channels: int = 3, mirrored: bool = True, seed: int = 0, spectral_norm: bool = True) -> Checkpoint:
     torch.manual_seed(seed)
-    cfg = ModelConfig(image_size=16, channels=channels, nz=8, enc_width=8, gen_width=16, disc_width=16, mirrored=mirrored)
+    cfg = ModelConfig(image_size=16, channels=channels, nz=8, enc_width=8, gen_width=16, disc_width=16, mirrored=mirrored,
+                      spectral_norm=spectral_norm)
     model = AMA(cfg)
     with torch.no_grad():  # non-trivial BN statistics, so eval-mode BN is not an identity
         for m in model.modules():
@@ -88,6 +89,22 @@ def test_autocast_precisions_stay_close(precision: str) -> None:
     assert np.isfinite(half.r).all()
     # half-precision activations: agreement to a few percent of the score's scale
     np.testing.assert_allclose(half.r, exact.r, rtol=0.05, atol=0.05 * float(np.abs(exact.r).mean()))
+
+
+def test_float16_refused_for_a_critic_without_spectral_norm() -> None:
+    """Without spectral norm nothing bounds the critic (trained presets reach activations of ~1e8):
+    float16 would turn such R-scores into inf, so the Scorer refuses it; bfloat16 keeps float32's range."""
+    ckpt = tiny_checkpoint(spectral_norm=False)
+    with torch.no_grad():  # the scale such a critic reaches in training
+        ckpt.state_dict.update({k: v * 1e3 for k, v in ckpt.state_dict.items() if k.startswith("discriminator.") and
+                                k.endswith("weight") and v.ndim == 4})
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    exact = Scorer(ckpt, "cpu").score_tensor(x).r
+    assert np.all(exact > 65504)  # beyond float16's largest number
+    with pytest.raises(ValueError, match="float16 cannot score a model trained without spectral norm.*bfloat16"):
+        Scorer(ckpt, "cpu", precision="float16")
+    bf16 = Scorer(ckpt, "cpu", precision="bfloat16").score_tensor(x).r
+    np.testing.assert_allclose(bf16, exact, rtol=0.1)
 
 
 def test_bad_precision_rejected() -> None:
