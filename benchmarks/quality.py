@@ -107,8 +107,8 @@ def main() -> int:
             ckpt = train(cfg, out_dir=out, data=data)
             m = ckpt.metrics
             steps = m["steps"]
-            row.update(steps=steps, wall_s=round(time.monotonic() - t0, 1), **{k: m[k] for k in metric_keys},
-                       **{k: v for k, v in m.items() if k.startswith(("recall_", "far_"))})
+            row.update({"steps": steps, "wall_s": round(time.monotonic() - t0, 1), **{k: m[k] for k in metric_keys},
+                        **{k: v for k, v in m.items() if k.startswith(("recall_", "far_"))}})
         if args.holdout and not args.baselines_only:
             test = build_test_set(cfg.data, data_root, seed, anomaly=parse_source(args.holdout))
             hold = detection_metrics(Scorer(ckpt, device=cfg.device).r_scores(test.images), test.labels,
