@@ -22,7 +22,7 @@ class ModelSection(Section):
     enc_width: int = Field(64, ge=1)  # encoder channels at the first down-sampling step (doubling at each)
     gen_width: int = Field(256, ge=1)  # generator channels in every residual block
     disc_width: int = Field(128, ge=1)  # critic channels; also the size of the features f the R-score compares
-    spectral_norm: bool = True  # spectral norm on every critic layer
+    spectral_norm: bool = True  # spectral norm on every critic layer (off: an unbounded critic, R ~1e10; float16 scoring refused)
     mirrored: bool = True  # False = the "w/o mirrored" ablation: D sees single images
     gen_shortcut: Literal["conv", "identity"] = "conv"  # G up-block shortcut: learned 1x1 (authors) or identity
     init: Literal["xavier", "default"] = "xavier"  # the authors' SNGAN xavier init of G and D, or PyTorch's
