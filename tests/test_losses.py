@@ -200,17 +200,34 @@ def test_auxiliary_passes_leave_batchnorm_statistics_to_the_normal_batch():
     with torch.no_grad():
         reference.generator(reference.encoder(x))  # one train-mode pass over the normal batch alone
     expected = {**_batchnorm_buffers(reference.encoder), **_batchnorm_buffers(reference.generator)}
-    for step in ("critic_loss", "autoencoder_loss"):
-        model = _tiny_model()
-        getattr(AMAObjective(LossSection(), mirrored=True), step)(model, x, z_neg, torch.Generator().manual_seed(1))
-        got = {**_batchnorm_buffers(model.encoder), **_batchnorm_buffers(model.generator)}
-        for k, v in expected.items():
-            torch.testing.assert_close(got[k], v, msg=f"{step}: {k}")
-        assert model.generator.training and model.encoder.training  # the train mode is restored
+    for aux_bn in ("running", "own"):
+        for step in ("critic_loss", "autoencoder_loss"):
+            model = _tiny_model()
+            objective = AMAObjective(LossSection(aux_bn=aux_bn), mirrored=True)
+            getattr(objective, step)(model, x, z_neg, torch.Generator().manual_seed(1))
+            got = {**_batchnorm_buffers(model.encoder), **_batchnorm_buffers(model.generator)}
+            for k, v in expected.items():
+                torch.testing.assert_close(got[k], v, msg=f"{aux_bn} {step}: {k}")
+            assert model.generator.training and model.encoder.training  # the train mode is restored
     old = _tiny_model()  # the old behaviour, kept as aux_bn: batch, moves them (the test can tell)
     AMAObjective(LossSection(aux_bn="batch"), mirrored=True).critic_loss(old, x, z_neg, torch.Generator().manual_seed(1))
     moved = _batchnorm_buffers(old.generator)
     assert any(not torch.allclose(moved[k], expected[k]) for k in moved)
+
+
+def test_own_statistics_normalise_an_auxiliary_pass_by_its_own_batch():
+    """aux_bn "own": an interpolant decode is normalised by its own batch statistics (as in train mode),
+    not by the running ones (as "running" does), and the running statistics stay as they were."""
+    x = torch.rand(8, 1, 16, 16) * 2 - 1
+    images = {}
+    for aux_bn in ("running", "own", "batch"):
+        model = _tiny_model()
+        cfg = LossSection(aux_bn=aux_bn, interpolation={"enabled": True, "k": 3, "alpha_max": 0.5})
+        with torch.no_grad():
+            images[aux_bn] = AMAObjective(cfg, mirrored=True).forward(model, x, None, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(images["own"].inter, images["batch"].inter)  # the same normalisation ...
+    assert not torch.allclose(images["own"].inter, images["running"].inter)  # ... unlike eval-mode BN
+    torch.testing.assert_close(images["own"].x_hat, images["running"].x_hat)  # the normal pass is the same
 
 
 def test_auxiliary_passes_still_train_e_and_g():

@@ -75,9 +75,10 @@ class LossSection(Section):
     negatives: NegativesSection = NegativesSection()
     latent_reg: float = Field(1.0, ge=0)  # lambda_reg * mean ||E(x)||_2; 0 disables
     # BatchNorm in the auxiliary E/G passes (negatives, interpolants): "running" = eval-mode statistics,
-    # left unchanged, so only normal reconstructions set what scoring uses; "batch" = their own batch
-    # statistics, which also move the running averages (the old behaviour)
-    aux_bn: Literal["running", "batch"] = "running"
+    # left unchanged, so only normal reconstructions set what scoring uses; "own" = each pass's own
+    # batch statistics, running averages left unchanged too; "batch" = their own batch statistics,
+    # which also move the running averages (the old behaviour)
+    aux_bn: Literal["running", "own", "batch"] = "running"
 
 
 class OptimSection(Section):

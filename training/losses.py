@@ -15,7 +15,7 @@ forward that builds them is one method used by both steps.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -83,12 +83,12 @@ def gradient_penalty(critic, real_pairs: torch.Tensor, fake_pairs: torch.Tensor,
 
 
 @contextmanager
-def running_batchnorm(*modules: nn.Module, enabled: bool = True):
+def running_batchnorm(*modules: nn.Module):
     """BatchNorm layers of `modules` normalise with their running statistics and leave them unchanged
     (eval-mode BN, gradients still flow). Auxiliary passes -- decoding negatives, reconstructing them,
     decoding interpolants -- run like this, so only normal reconstructions set the statistics that
     scoring uses (the authors decode negatives with G in eval mode)."""
-    layers = [m for mod in modules for m in mod.modules() if isinstance(m, _BatchNorm) and m.training] if enabled else []
+    layers = [m for mod in modules for m in mod.modules() if isinstance(m, _BatchNorm) and m.training]
     for m in layers:
         m.eval()
     try:
@@ -96,6 +96,22 @@ def running_batchnorm(*modules: nn.Module, enabled: bool = True):
     finally:
         for m in layers:
             m.train()
+
+
+@contextmanager
+def own_batchnorm(*modules: nn.Module):
+    """BatchNorm layers of `modules` normalise with the pass's own batch statistics (train mode) but
+    keep their running statistics as they were: the auxiliary part gets per-part statistics, and
+    still only normal reconstructions set what scoring uses."""
+    layers = [m for mod in modules for m in mod.modules() if isinstance(m, _BatchNorm) and m.training]
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(layers, saved):
+                for k, b in m.named_buffers(recurse=False):
+                    b.copy_(buffers[k])
 
 
 @dataclass
@@ -117,22 +133,28 @@ class AMAObjective:
         self.cfg = cfg
         self.mirrored = mirrored
         self.w_inter = cfg.interpolation.weight if cfg.interpolation.enabled else 0.0
-        self.aux_running = cfg.aux_bn == "running"
+        self.aux_bn = cfg.aux_bn
+
+    def _aux(self, *modules: nn.Module):
+        """How BatchNorm behaves in an auxiliary pass of `modules` (LossSection.aux_bn)."""
+        if self.aux_bn == "running":
+            return running_batchnorm(*modules)
+        return own_batchnorm(*modules) if self.aux_bn == "own" else nullcontext()
 
     def _w_neg(self, x: torch.Tensor, z_neg: torch.Tensor | None) -> float:
         return self.cfg.negatives.weight * z_neg.shape[0] / x.shape[0] if z_neg is not None else 0.0
 
     def forward(self, model: AMA, x: torch.Tensor, z_neg: torch.Tensor | None,
                 generator: torch.Generator | None = None) -> StepImages:
-        """E and G over the normal batch (train-mode BN) and the auxiliary passes (see running_batchnorm).
+        """E and G over the normal batch (train-mode BN) and the auxiliary passes (see `_aux`).
         With aux_bn "batch" (the old behaviour, kept to measure against) negatives are reconstructed in
-        one joint pass with x and the decodes use their own batch statistics."""
+        one joint pass with x and the decodes use, and move, their own batch statistics."""
         enc, gen = model.encoder, model.generator
         x_neg = None
         if z_neg is not None:
-            with torch.no_grad(), running_batchnorm(gen, enabled=self.aux_running):
+            with torch.no_grad(), self._aux(gen):
                 x_neg = gen(z_neg)  # a fixed input image: E/G must not reconstruct it
-        if x_neg is not None and not self.aux_running:
+        if x_neg is not None and self.aux_bn == "batch":
             codes_all = enc(torch.cat([x, x_neg]))
             recon_all = gen(codes_all)
             b = x.shape[0]
@@ -141,12 +163,12 @@ class AMAObjective:
             codes = enc(x)
             out = StepImages(codes, gen(codes), x_neg)
             if x_neg is not None:
-                with running_batchnorm(enc, gen):
+                with self._aux(enc, gen):
                     out.x_neg_hat = gen(enc(x_neg))
         icfg = self.cfg.interpolation
         if icfg.enabled:
             mixed, perms = simplex_mix(out.codes, icfg.k, icfg.alpha_max, generator)
-            with running_batchnorm(gen, enabled=self.aux_running):
+            with self._aux(gen):
                 out.inter = gen(mixed)
             out.perms = perms if icfg.pair_with == "all" else perms[:1]
         return out
