@@ -230,9 +230,12 @@ def test_own_statistics_normalise_an_auxiliary_pass_by_its_own_batch():
     torch.testing.assert_close(images["own"].x_hat, images["running"].x_hat)  # the normal pass is the same
 
 
-def test_auxiliary_passes_still_train_e_and_g():
-    """Eval-mode BN in the interpolation and negative passes still lets their gradients reach E and G."""
-    cfg = LossSection(gradient_penalty={"enabled": False}, latent_reg=0.0)
+@pytest.mark.parametrize("aux_bn", ["running", "own", "batch"])
+def test_auxiliary_passes_still_train_e_and_g(aux_bn):
+    """BN in the interpolation and negative passes, however it is set, still lets their gradients
+    reach E and G, and the whole step backpropagates (an auxiliary pass must not modify in place a
+    buffer the normal pass saved for backward)."""
+    cfg = LossSection(gradient_penalty={"enabled": False}, latent_reg=0.0, aux_bn=aux_bn)
     x = torch.rand(6, 1, 16, 16) * 2 - 1
     model = _tiny_model()
     im = AMAObjective(cfg, mirrored=True).forward(model, x, torch.randn(2, 8) * 3, torch.Generator().manual_seed(0))
@@ -240,6 +243,10 @@ def test_auxiliary_passes_still_train_e_and_g():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.generator.parameters())
     assert im.x_neg is not None and not im.x_neg.requires_grad  # negatives are fixed inputs
+    for step in ("critic_loss", "autoencoder_loss"):
+        loss, _ = getattr(AMAObjective(cfg, mirrored=True), step)(_tiny_model(), x, torch.randn(2, 8) * 3,
+                                                                   torch.Generator().manual_seed(0))
+        loss.backward()
 
 
 def test_gradient_penalty_on_a_subset_of_the_batch():

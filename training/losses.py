@@ -100,18 +100,19 @@ def running_batchnorm(*modules: nn.Module):
 
 @contextmanager
 def own_batchnorm(*modules: nn.Module):
-    """BatchNorm layers of `modules` normalise with the pass's own batch statistics (train mode) but
-    keep their running statistics as they were: the auxiliary part gets per-part statistics, and
-    still only normal reconstructions set what scoring uses."""
-    layers = [m for mod in modules for m in mod.modules() if isinstance(m, _BatchNorm) and m.training]
-    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in layers]
+    """BatchNorm layers of `modules` normalise with the pass's own batch statistics (train mode) and
+    neither read nor update their running statistics (track_running_stats off for the pass, so no
+    buffer an earlier pass saved for backward is touched): the auxiliary part gets per-part
+    statistics, and still only normal reconstructions set what scoring uses."""
+    layers = [m for mod in modules for m in mod.modules()
+              if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, buffers in zip(layers, saved):
-                for k, b in m.named_buffers(recurse=False):
-                    b.copy_(buffers[k])
+        for m in layers:
+            m.track_running_stats = True
 
 
 @dataclass
