@@ -32,28 +32,39 @@ from .settings import RetrySection
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_REFUSALS", "OutMessage", "Publisher", "RetryPause"]
+__all__ = ["MAX_REFUSALS", "OutMessage", "Publisher", "RetryPause", "StopGrace"]
 
 MAX_REFUSALS = 3  # non-retriable failures of one record before its fallback takes its place
 
 
+class StopGrace:
+    """A stop request honoured once it is `grace_s` old (the records in flight get that long)."""
+
+    def __init__(self, stop: threading.Event, grace_s: float):
+        self.stop = stop
+        self.grace_s = grace_s
+        self._seen: float | None = None
+
+    def expired(self) -> bool:
+        if not self.stop.is_set():
+            return False
+        if self._seen is None:
+            self._seen = time.monotonic()
+        return time.monotonic() - self._seen > self.grace_s
+
+
 class RetryPause:
-    """The wait between two tries of a batch: a growing backoff, beyond which a stop request is
-    honoured once it is `grace_s` old (the records in flight get that long to be acknowledged)."""
+    """The wait between two tries of a batch: a growing backoff, ended by a stop request once its
+    grace period is over."""
 
     def __init__(self, retry: RetrySection, stop: threading.Event, grace_s: float):
         self.backoff = Backoff(retry.initial_s, retry.max_s)
         self.stop = stop
-        self.grace_s = grace_s
-        self._stop_seen: float | None = None
+        self.grace = StopGrace(stop, grace_s)
 
     def next_delay(self) -> float | None:
         """Seconds to wait before the next try, or None: stop now."""
-        if self.stop.is_set():
-            self._stop_seen = self._stop_seen or time.monotonic()
-            if time.monotonic() - self._stop_seen > self.grace_s:
-                return None
-        return self.backoff.next()
+        return None if self.grace.expired() else self.backoff.next()
 
     def sleep(self, delay: float) -> None:
         if self.stop.is_set():

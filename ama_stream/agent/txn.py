@@ -52,7 +52,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from .commit import OffsetCommitter
 from .kafka_io import describe
-from .publish import Publisher, RetryPause
+from .publish import Publisher, RetryPause, StopGrace
 from .records import OutMessage
 from .settings import RetrySection
 
@@ -272,7 +272,6 @@ class Transactions:
         """call() on a helper thread (kafka-python's transactional calls block without a timeout while
         the broker is away): beats the heartbeat while waiting, raises _Stopped once a stop request
         is `grace_s` (default: self.grace_s) old, _Unanswered after answer_timeout_s."""
-        grace_s = self.grace_s if grace_s is None else grace_s
         started = time.monotonic()
         box: dict[str, Any] = {}
         done = threading.Event()
@@ -286,13 +285,11 @@ class Transactions:
                 done.set()
 
         threading.Thread(target=run, name="ama-txn-call", daemon=True).start()
-        stop_seen: float | None = None
+        grace = StopGrace(self.stop, self.grace_s if grace_s is None else grace_s)
         while not done.wait(self.poll_s):
             heartbeat()
-            if self.stop.is_set():
-                stop_seen = stop_seen or time.monotonic()
-                if time.monotonic() - stop_seen > grace_s:
-                    raise _Stopped()
+            if grace.expired():
+                raise _Stopped()
             if time.monotonic() - started > self.answer_timeout_s:
                 raise _Unanswered(what or getattr(call, "__name__", "call"), time.monotonic() - started)
         if "error" in box:
