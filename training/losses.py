@@ -82,13 +82,18 @@ def gradient_penalty(critic, real_pairs: torch.Tensor, fake_pairs: torch.Tensor,
     return ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
 
 
+def _training_batchnorms(modules) -> list[_BatchNorm]:
+    return [m for mod in modules for m in mod.modules()
+            if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+
+
 @contextmanager
 def running_batchnorm(*modules: nn.Module):
     """BatchNorm layers of `modules` normalise with their running statistics and leave them unchanged
     (eval-mode BN, gradients still flow). Auxiliary passes -- decoding negatives, reconstructing them,
     decoding interpolants -- run like this, so only normal reconstructions set the statistics that
     scoring uses (the authors decode negatives with G in eval mode)."""
-    layers = [m for mod in modules for m in mod.modules() if isinstance(m, _BatchNorm) and m.training]
+    layers = _training_batchnorms(modules)
     for m in layers:
         m.eval()
     try:
@@ -104,8 +109,7 @@ def own_batchnorm(*modules: nn.Module):
     neither read nor update their running statistics (track_running_stats off for the pass, so no
     buffer an earlier pass saved for backward is touched): the auxiliary part gets per-part
     statistics, and still only normal reconstructions set what scoring uses."""
-    layers = [m for mod in modules for m in mod.modules()
-              if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    layers = _training_batchnorms(modules)
     for m in layers:
         m.track_running_stats = False
     try:
