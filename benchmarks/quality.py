@@ -73,10 +73,36 @@ def append_row(row: dict, markdown: bool = True) -> None:
         f.write("| " + " | ".join(cells) + " |\n")
 
 
+METRIC_KEYS = ("auroc_a", "auroc_r", "aupr_a", "aupr_r", "f1_a", "far_a", "n_normal", "n_anomaly")
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+
+
+def ama_run(cfg: TrainConfig, data, out: Path, data_root: Path, seed: int, holdout: str | None) -> dict:
+    """Train AMA, and its row: the test metrics, the operating points and (with `holdout`) the
+    second anomaly set scored against the same normal test images. wall_s is the training run's."""
+    t0 = time.monotonic()
+    ckpt = train(cfg, out_dir=out, data=data)
+    m = ckpt.metrics
+    row = {"steps": m["steps"], "wall_s": round(time.monotonic() - t0, 1), **{k: m[k] for k in METRIC_KEYS},
+           **{k: v for k, v in m.items() if k.startswith(("recall_", "far_"))}}
+    if holdout:
+        test = build_test_set(cfg.data, data_root, seed, anomaly=parse_source(holdout))
+        hold = detection_metrics(Scorer(ckpt, device=cfg.device).r_scores(test.images), test.labels,
+                                 Calibration.from_checkpoint(ckpt))
+        row["holdout"] = {"source": holdout, **{k: hold[k] for k in ("auroc_a", "auroc_r", "n_anomaly")}}
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
-    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--seeds", default=[0], type=seed_list, help="comma-separated seeds")
     p.add_argument("--label", default="full", help="variant name for the table (e.g. 'w/o mirrored')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=str(REPO / "runs" / "quality"))
@@ -89,41 +115,31 @@ def main() -> int:
     args = p.parse_args()
     if args.baselines_only and not args.baseline:
         p.error("--baselines-only needs at least one --baseline")
+    if args.baselines_only and args.holdout:
+        p.error("--holdout scores the AMA model, which --baselines-only does not train")
     configure_logging("INFO")
     preset = Path(args.config).stem
-    metric_keys = ("auroc_a", "auroc_r", "aupr_a", "aupr_r", "f1_a", "far_a", "n_normal", "n_anomaly")
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in args.seeds:
         cfg = load_settings(TrainConfig, args.config, parse_overrides(args.set + [f"seed={seed}"]))
         data_root = resolve_data_root(cfg.data_root)
         data = build_protocol(cfg.data, data_root, seed)
         out = Path(args.out) / f"{preset}-{args.label.replace(' ', '_').replace('/', '')}-seed{seed}"
         row = {"date": date.today().isoformat(), "commit": commit(), "preset": preset, "variant": args.label,
                "overrides": args.set, "seed": seed}
-        t0 = time.monotonic()
         if args.baselines_only:
-            steps = cfg.train.epochs * cfg.train.steps_per_epoch
-            row.update(steps=steps, n_normal=data.test.n_normal, n_anomaly=data.test.n_anomaly)
+            row.update(steps=cfg.train.epochs * cfg.train.steps_per_epoch, n_normal=data.test.n_normal,
+                       n_anomaly=data.test.n_anomaly)
         else:
-            ckpt = train(cfg, out_dir=out, data=data)
-            m = ckpt.metrics
-            steps = m["steps"]
-            row.update({"steps": steps, "wall_s": round(time.monotonic() - t0, 1), **{k: m[k] for k in metric_keys},
-                        **{k: v for k, v in m.items() if k.startswith(("recall_", "far_"))}})
-        if args.holdout and not args.baselines_only:
-            test = build_test_set(cfg.data, data_root, seed, anomaly=parse_source(args.holdout))
-            hold = detection_metrics(Scorer(ckpt, device=cfg.device).r_scores(test.images), test.labels,
-                                     Calibration.from_checkpoint(ckpt))
-            row["holdout"] = {"source": args.holdout, **{k: hold[k] for k in ("auroc_a", "auroc_r", "n_anomaly")}}
+            row.update(ama_run(cfg, data, out, data_root, seed, args.holdout))
+        t0 = time.monotonic()
         if "pca" in args.baseline:
             row["pca"] = pca_baseline(data.train, data.test.images, data.test.labels, seed)
         if "autoencoder" in args.baseline:
-            row["autoencoder"] = autoencoder_baseline(cfg, data.train, data.test.images, data.test.labels, steps)
-        if args.baselines_only:
-            row["wall_s"] = round(time.monotonic() - t0, 1)
+            row["autoencoder"] = autoencoder_baseline(cfg, data.train, data.test.images, data.test.labels, row["steps"])
+        row.setdefault("wall_s", round(time.monotonic() - t0, 1))  # a baselines-only row: the baselines' time
         append_row(row, markdown=not (args.no_md or args.baselines_only))
         print(json.dumps(row))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

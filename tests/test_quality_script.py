@@ -56,3 +56,16 @@ def test_baselines_only_trains_no_ama_model(quality, monkeypatch, tmp_path):
     assert "auroc_a" not in row and "autoencoder" not in row and row["steps"] == 3
     assert 0.0 <= row["pca"]["auroc"] <= 1.0 and row["n_normal"] > 0 and row["n_anomaly"] > 0
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results.md").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--baselines-only"], "needs at least one --baseline"),
+    (["--baselines-only", "--baseline", "pca", "--holdout", "idx:mnist"], "does not train"),
+    (["--seeds", "0,one"], "seeds must be comma-separated integers"),
+])
+def test_contradictory_or_malformed_arguments_stop_before_any_work(quality, monkeypatch, tmp_path, capsys,
+                                                                   args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run(quality, monkeypatch, tmp_path, *args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "quality.jsonl").exists() and not (tmp_path / "runs").exists()
