@@ -79,10 +79,6 @@ class LossSection(Section):
     # batch statistics, running averages left unchanged too; "batch" = their own batch statistics,
     # which also move the running averages (the old behaviour)
     aux_bn: Literal["running", "own", "batch"] = "running"
-    # critic drift penalty eps * mean D(.)^2 over every pair the critic scores in a step (after Karras
-    # et al. 2018, who penalise real samples only; here the reconstruction pairs run away downward
-    # too): bounds the Wasserstein estimate near 1/eps when neither SN nor GP is on; 0 = off
-    drift: float = Field(0.0, ge=0)
 
 
 class OptimSection(Section):

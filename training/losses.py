@@ -9,8 +9,7 @@ One game value V, which the critic D maximises and the encoder/generator (E, G) 
 The negative term enters with a minus sign: E and G are pushed to reconstruct negatives badly.
 As in the authors' code, where negatives are samples of the batch labelled -l_neg, each negative
 weighs l_neg times a normal sample: the term's weight is l_neg * n_neg / B, not l_neg.
-E/G also pay l_reg * E||E(x)||_2 (normal samples only); the critic pays the gradient penalty and
-the drift penalty eps * mean D(.)^2 over the step's pairs, whichever are on.
+E/G also pay l_reg * E||E(x)||_2 (normal samples only); the critic pays the gradient penalty.
 All critic evaluations of a step go through ONE forward pass over the concatenated pairs; the E/G
 forward that builds them is one method used by both steps.
 """
@@ -221,10 +220,6 @@ class AMAObjective:
                                   generator)
             loss = loss + gp_cfg.weight * gp
             logs["gp"] = float(gp.detach())
-        if self.cfg.drift > 0:
-            drift = torch.cat([t.flatten() for t in vars(scores).values() if t is not None]).pow(2).mean()
-            loss = loss + self.cfg.drift * drift
-            logs["drift"] = float(drift.detach())
         logs["loss_d"] = float(loss.detach())
         return loss, logs
 
