@@ -105,7 +105,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
-        "kafka-python[crc32c]>=3.0.12,<4",  # 3.x: IO thread, async rebalance listeners
+        # 3.x: IO thread, async rebalance listeners; every standard codec, so a frame batch a camera
+        # compressed with snappy, lz4 or zstd is read (gzip needs nothing), and CRCs in C
+        "kafka-python[crc32c,lz4,snappy,zstd]>=3.0.12,<4",
         "pydantic>=2.6",
         "pydantic-settings>=2.3",
         "pyyaml>=6.0",

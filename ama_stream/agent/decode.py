@@ -19,6 +19,7 @@ from kafka.structs import TopicPartition
 
 from ama_stream.preprocess import FitTally, PreprocessSpec, fit_image, native_shape, to_tensor
 
+from .fetch_guard import UnreadableRecord
 from .frames import FrameError, FrameLimits, decode_frame
 from .records import FrameMeta
 
@@ -86,6 +87,9 @@ class FrameDecoder:
         pixels_left = self.limits.max_batch_pixels
         for rec in batch.records:
             meta = FrameMeta.from_record(rec)
+            if isinstance(rec, UnreadableRecord):  # the client could not read it (fetch_guard.py)
+                rejected.append(Rejected(meta, None, rec.reason, rec.error))
+                continue
             if meta.envelope_error is not None:  # never decoded: its envelope cannot be published whole
                 rejected.append(Rejected(meta, rec.value, "header-too-large", meta.envelope_error))
                 continue

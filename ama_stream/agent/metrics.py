@@ -52,6 +52,9 @@ class AgentMetrics:
                                   ["topic", "partition"], registry=r)
         self.broker_errors = Counter("ama_broker_errors", "Failed broker operations (connect, publish, commit)",
                                      ["operation"], registry=r)
+        self.fetch_errors = Counter(
+            "ama_fetch_errors", "Polls that failed on what was fetched, by reason (unsupported-codec, corrupt-record: "
+            "the record is skipped and dead-lettered; fetch-error: no record named, retried)", ["reason"], registry=r)
         self.ready = Gauge("ama_ready", "1 when the agent is connected and scoring", registry=r)
         self.transactions = Counter(
             "ama_transactions", "Exactly-once transactions by how they ended: committed, aborted (the batch "

@@ -50,6 +50,7 @@ from ama_stream.calibration import Calibration, CalibrationError, load_calibrati
 from ama_stream.checkpoint import Checkpoint, load_checkpoint
 
 from .decode import DecodedBatch, FrameDecoder, PolledBatch
+from .fetch_guard import FetchGuard, UnreadableRecord
 from .frames import FrameLimits
 from .kafka_io import build_client, describe
 from .settings import AgentSettings
@@ -229,7 +230,8 @@ class ControlTopic:
     """Calibration documents and model messages from a Kafka topic, read with manual assignment
     (no group, no commits)."""
 
-    def __init__(self, settings: AgentSettings):
+    def __init__(self, settings: AgentSettings, on_fetch_error: Callable[[str, bool], None] = lambda reason, located: None):
+        """`on_fetch_error(reason, located)`: a poll failed on what it fetched (fetch_guard.FetchGuard)."""
         self.topic = settings.topics.calibration
         self.check_every_s = settings.calibration_check_s
         config = {**settings.consumer, **settings.kafka.client_config()}
@@ -237,6 +239,7 @@ class ControlTopic:
             config.pop(group_only, None)
         config.setdefault("bootstrap_timeout_ms", int(settings.retry.connect_timeout_s * 1000))
         self.consumer = build_client(KafkaConsumer, **config, group_id=None, enable_auto_commit=False)
+        self.messages = FetchGuard(self.consumer, f"calibration topic {self.topic}", on_fetch_error)
         self._assigned = False
         self._next_check = 0.0
         self._assign(at_start=True)
@@ -269,12 +272,14 @@ class ControlTopic:
                 self._assign(at_start=False)
                 if not self._assigned:
                     return []
-            polled = self.consumer.poll(timeout_ms=0)
+            polled = self.messages.poll(timeout_ms=0)  # never raises for what it fetched: unreadable ones are skipped
         except KafkaError as exc:
             log.warning("reading the calibration topic %s failed (%s); retrying", self.topic, describe(exc))
             return []
         updates: list[Update | ModelRequest] = []
         for record in sorted((r for records in polled.values() for r in records), key=lambda r: r.timestamp):
+            if isinstance(record, UnreadableRecord):
+                continue  # logged and counted by the guard; there is nothing to apply
             origin = f"{record.topic}[{record.partition}]@{record.offset}"
             key = record.key.decode("utf-8", "replace") if record.key else None
             if key is not None and key != model_id:

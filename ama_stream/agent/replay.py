@@ -21,6 +21,7 @@ from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
+from .fetch_guard import FetchGuard, UnreadableRecord
 from .frames import FrameError, FrameLimits, decode_frame
 from .kafka_io import build_client, describe
 from .records import FrameMeta
@@ -73,6 +74,7 @@ def _read(kafka: KafkaSection, topic: str, limit: int | None, window_s: float | 
         since_ms = None if window_s is None else int((time.time() - window_s) * 1000)
         _seek_start(consumer, parts, ends, since_ms)
         last_frame = time.monotonic()
+        fetched = FetchGuard(consumer, f"reading {topic}")  # records the client cannot read are skipped
         while limit is None or stats.read < limit:
             caught_up = all(consumer.position(tp) >= ends[tp] for tp in parts)
             if caught_up and limit is None:
@@ -81,9 +83,12 @@ def _read(kafka: KafkaSection, topic: str, limit: int | None, window_s: float | 
                 log.warning("%s: no new frame for %.0f s; stopping at %d frames", topic, idle_timeout_s, stats.read)
                 break
             budget = None if limit is None else limit - stats.read
-            batches = consumer.poll(timeout_ms=POLL_MS, max_records=budget)
+            batches = fetched.poll(timeout_ms=POLL_MS, max_records=budget)
             for record in (r for records in batches.values() for r in records):
                 last_frame = time.monotonic()
+                if isinstance(record, UnreadableRecord):
+                    stats.undecodable[record.reason] += 1
+                    continue
                 if since_ms is not None and record.timestamp < since_ms:
                     continue  # before the window (the seek is only a hint: some brokers ignore timestamps)
                 meta = FrameMeta.from_record(record)

@@ -48,8 +48,9 @@ from .accounting import Accounting, AgentStats, DriftWatch, drift_monitor
 from .batcher import MicroBatcher
 from .commit import OffsetCommitter, names
 from .decode import DecodedBatch, DecodeStage, FrameDecoder
+from .fetch_guard import FetchGuard
 from .frames import FrameLimits
-from .kafka_io import connect_with_retry, describe, make_consumer, make_producer
+from .kafka_io import available_codecs, connect_with_retry, describe, make_consumer, make_producer
 from .metrics import AgentMetrics, Health, HealthServer, Readiness
 from .outbox import Outbox
 from .probe import LagProbe
@@ -206,12 +207,13 @@ class Agent:
         self.decoding = DecodeStage(s.batching.decode_ahead)
         stack.callback(self.decoding.close)
         stack.callback(self.models.close)  # the model loader thread, if a model was loaded
-        self.batcher = MicroBatcher(consumer, s.batching.max_batch, s.batching.max_wait_ms / 1000, s.max_frames,
+        frames = FetchGuard(consumer, "frames consumer", self._fetch_failed)
+        self.batcher = MicroBatcher(frames, s.batching.max_batch, s.batching.max_wait_ms / 1000, s.max_frames,
                                     epoch=self.committer.epoch)
         self.probe = LagProbe(consumer, self.committer, self.metrics, self.readiness, s.retry.lag_every_s)
         consumer.subscribe([s.topics.frames], listener=self.committer.listener())
         if s.topics.calibration:
-            control = connect_with_retry(lambda: ControlTopic(s), "calibration topic consumer", s.kafka, s.retry,
+            control = connect_with_retry(lambda: ControlTopic(s, self._fetch_failed), "calibration topic consumer", s.kafka, s.retry,
                                          self._stop)
             if control is None:
                 return False
@@ -369,6 +371,13 @@ class Agent:
         return False
 
     # -- helpers -------------------------------------------------------------------------------
+    def _fetch_failed(self, reason: str, located: bool) -> None:
+        """A poll failed on what was fetched (fetch_guard.py): counted; one that names no record to
+        skip means nothing flows from that consumer, so readiness falls until a batch finishes."""
+        self.metrics.fetch_errors.labels(reason=reason).inc()
+        if not located:
+            self.readiness.broker_error("fetch", reason)
+
     def _make_scorer(self, checkpoint) -> Scorer:
         """A Scorer with the agent's device, runtime and threads (at start-up and on the model loader thread)."""
         s = self.settings
@@ -393,6 +402,7 @@ class Agent:
             "delivery": self.settings.delivery,
             "transactional_id": self.settings.transactional_id,
             "kafka_python": kafka.__version__,
+            "codecs": available_codecs(),
         }
         log.info("agent starting: %s", json.dumps(effective, sort_keys=True))
 
