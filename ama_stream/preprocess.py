@@ -1,9 +1,11 @@
 """Turning decoded uint8 images into the model's input, identically in training and serving.
 
 An image arrives as a uint8 array HxW or HxWxC (C = 1, 3 or 4). `fit_image` converts the
-channels and brings it to the model size (zero-padding a smaller image such as MNIST's 28x28
-into 32x32, or resizing with antialiasing); `to_tensor` scales a stack of fitted images to
-[-1, 1] in NCHW layout.
+channels and then, for a whole-image model, brings it to the model size (zero-padding a smaller
+image such as MNIST's 28x28 into 32x32, or resizing with antialiasing); for a patch model
+(`patch_stride` > 0) it scales the image by `scale` keeping its aspect, and the image is then cut
+into overlapping patches of the model size (ama_stream.tiling). `to_tensor` scales a stack of
+fitted images (or patches) to [-1, 1] in NCHW layout.
 """
 from __future__ import annotations
 
@@ -19,12 +21,27 @@ RESIZE_MODES = ("auto", "pad", "resize")
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    image_size: int = 32
+    image_size: int = 32  # the model's input: the whole image, or one patch of a patch model
     channels: int = 1
     # auto: pad when the image is smaller than the model size and square-ish, else resize
     resize: str = "auto"
+    # > 0: a patch model. Images are scaled by `scale` (aspect kept, never distorted) and scored by
+    # tiling them with image_size patches at this stride; 0: the whole image is fitted to image_size
+    patch_stride: int = 0
+    scale: float = 1.0
+    top_k: int = 1  # patch model: an image's score is the mean of its k highest patch scores
+
+    @property
+    def patched(self) -> bool:
+        return self.patch_stride > 0
 
     def __post_init__(self) -> None:
+        if self.patch_stride < 0 or self.patch_stride > self.image_size:
+            raise ValueError(f"patch_stride must be in [0, image_size={self.image_size}], got {self.patch_stride}")
+        if not (0 < self.scale <= 4) or self.scale != self.scale:
+            raise ValueError(f"scale must be in (0, 4], got {self.scale}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.channels not in (1, 3):
@@ -56,13 +73,43 @@ def _convert_channels(img: np.ndarray, channels: int) -> np.ndarray:
     return np.clip(np.rint(gray), 0, 255).astype(np.uint8)[:, :, None]
 
 
+def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """HxWxC uint8 -> height x width x C uint8, bilinear with antialiasing (PIL)."""
+    mode = "L" if img.shape[2] == 1 else "RGB"
+    pil = Image.fromarray(img[:, :, 0] if mode == "L" else img, mode=mode)
+    out = np.asarray(pil.resize((width, height), resample=Image.BILINEAR, reducing_gap=None), dtype=np.uint8)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def scaled_size(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """A patch model's working size of an image of native height x width: scaled by spec.scale
+    (aspect kept), then at least one patch in each direction (smaller images are padded)."""
+    h, w = max(1, round(height * spec.scale)), max(1, round(width * spec.scale))
+    return max(h, spec.image_size), max(w, spec.image_size)
+
+
+def _fit_patched(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Scaled by spec.scale with the aspect kept; an image smaller than a patch is padded by repeating
+    its edge pixels (zeros would be a dark frame: a defect to the model)."""
+    h, w = max(1, round(img.shape[0] * spec.scale)), max(1, round(img.shape[1] * spec.scale))
+    if (h, w) != img.shape[:2]:
+        img = _resize(img, h, w)
+    p = spec.image_size
+    if h < p or w < p:
+        img = np.pad(img, ((0, max(0, p - h)), (0, max(0, p - w)), (0, 0)), mode="edge")
+    return img
+
+
 def fit_image(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Any uint8 image -> [S, S, C] uint8 for the model."""
+    """Any uint8 image -> [S, S, C] uint8 for a whole-image model; for a patch model, the image at its
+    working scale [H, W, C] (see scaled_size), to be tiled (ama_stream.tiling)."""
     if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
         raise ValueError(f"expected a uint8 numpy image, got {getattr(img, 'dtype', type(img))}")
     if img.size == 0:
         raise ValueError(f"empty image of shape {img.shape}")
     img = _convert_channels(img, spec.channels)
+    if spec.patched:
+        return _fit_patched(img, spec)
     h, w, _ = img.shape
     s = spec.image_size
     if (h, w) == (s, s):
@@ -73,11 +120,7 @@ def fit_image(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         top, left = (s - h) // 2, (s - w) // 2
         out[top : top + h, left : left + w] = img
         return out
-    mode = "L" if img.shape[2] == 1 else "RGB"
-    pil = Image.fromarray(img[:, :, 0] if mode == "L" else img, mode=mode)
-    pil = pil.resize((s, s), resample=Image.BILINEAR, reducing_gap=None)
-    out = np.asarray(pil, dtype=np.uint8)
-    return out[:, :, None] if out.ndim == 2 else out
+    return _resize(img, s, s)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -107,7 +150,10 @@ def fit_reasons(shape: tuple[int, int, int], spec: PreprocessSpec) -> tuple[str,
     h, w, c = shape
     reasons = []
     s = spec.image_size
-    if (h, w) != (s, s):
+    if spec.patched:  # scaling is the model's own setting, not a misfit; an image under one patch is padded
+        if round(h * spec.scale) < s or round(w * spec.scale) < s:
+            reasons.append("padded")
+    elif (h, w) != (s, s):
         pads = spec.resize == "pad" or (spec.resize == "auto" and h <= s and w <= s and s - h <= s // 4 and s - w <= s // 4)
         reasons.append("padded" if pads and h <= s and w <= s else "resized")
     if (3 if c == 4 else c) != spec.channels:
@@ -150,6 +196,8 @@ class FitTally:
         if not self.counts:
             return None
         target = f"{self.spec.image_size}x{self.spec.image_size}x{self.spec.channels}"
+        if self.spec.patched:
+            target = f"patches of {target} at scale {self.spec.scale:g}"
         parts = [f"{self.counts[r]} {r} (e.g. {', '.join(self.examples[r])} as WxHxC)" for r in sorted(self.counts)]
         return f"{self.mismatched} of {self.total} {what} do not match the model's {target}: " + "; ".join(parts)
 

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from . import ops
 from .checkpoint import Checkpoint, load_checkpoint
 from .model import bake_spectral_norm, stacked_pairs
 from .runtimes import check_runtime
 from .preprocess import FitTally, fit_image, native_shape, to_tensor
+from .tiling import TileBatch, image_scores, stitch_map, tile_fitted, tile_images
 from .progress import progress
 
 if TYPE_CHECKING:
@@ -34,6 +36,20 @@ log = logging.getLogger(__name__)
 
 # Scorer precisions: None = no autocast.
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Inspection:
+    """What the Scorer sees in one image: its score (as Scores.r), the anomaly map float32 [H, W] at
+    the image's own size (higher = more anomalous), and the (x, y, w, h) box of its hottest region."""
+
+    score: float
+    map: np.ndarray
+    region: tuple[int, int, int, int]
+
+    @property
+    def map_max(self) -> float:
+        return float(self.map.max())
 
 
 @dataclass
@@ -98,6 +114,7 @@ class Scorer:
         runtime: str = "torch",
         runtime_model: str | None = None,
         runtime_threads: int | None = None,
+        max_patches: int = 512,
     ):
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {sorted(AUTOCAST_DTYPES)}, got {precision!r}")
@@ -119,6 +136,7 @@ class Scorer:
         self.channels_last = self.device.type == "cpu" if channels_last is None else bool(channels_last)
         self.precision = precision
         self.compile_mode = compile_mode
+        self.max_patches = max(1, int(max_patches))  # model inputs per forward when scoring tiled images
         self._memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         model = self.checkpoint.build_model("cpu")
         with torch.no_grad():
@@ -143,15 +161,22 @@ class Scorer:
     def model_id(self) -> str:
         return self.checkpoint.model_id
 
-    def fit(self, images) -> np.ndarray:
-        """Decoded uint8 images (HxW or HxWxC, any size) -> uint8 [B, S, S, C] at the model size."""
+    def fit(self, images):
+        """Decoded uint8 images (HxW or HxWxC, any size) -> fitted: uint8 [B, S, S, C] for a whole-image
+        model; for a patch model an object array of the images at their working scale (preprocess.fit_image)."""
+        if self.spec.patched:
+            out = np.empty(len(images), dtype=object)
+            for i, img in enumerate(images):
+                out[i] = fit_image(img, self.spec)
+            return out
         if len(images):
             return np.stack([fit_image(img, self.spec) for img in images])
         return np.zeros((0, self.spec.image_size, self.spec.image_size, self.spec.channels), dtype=np.uint8)
 
-    def prepare(self, images) -> torch.Tensor:
-        """Decoded uint8 images (HxW or HxWxC, any size) -> CPU model input [B, C, S, S]."""
-        return to_tensor(self.fit(images))
+    def prepare(self, images) -> TileBatch:
+        """Decoded uint8 images (any sizes) -> every model input they make (one per image, or its
+        patches), with each image's grid: what score_tiles takes."""
+        return tile_images(images, self.spec)
 
     def _critic_map_eager(self, x: torch.Tensor) -> torch.Tensor:
         x_hat = self.model.generator(self.model.encoder(x))
@@ -188,8 +213,8 @@ class Scorer:
         return self._scores(*(out if return_features else (out, None)), return_features)
 
     def score_fitted(self, images: np.ndarray, *, return_features: bool = False) -> Scores:
-        """uint8 [B, S, S, C] images already at the model size (Scorer.fit) -> Scores. A graph that
-        takes uint8 gets them as they are; otherwise they are scaled to [-1, 1] first."""
+        """uint8 [B, S, S, C] images already at a whole-image model's size (Scorer.fit) -> Scores. A graph
+        that takes uint8 gets them as they are; otherwise they are scaled to [-1, 1] first."""
         if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (
                 self.spec.image_size, self.spec.image_size, self.spec.channels):
             raise ValueError(f"expected uint8 [B, {self.spec.image_size}, {self.spec.image_size}, {self.spec.channels}], "
@@ -202,27 +227,95 @@ class Scorer:
         return self.score_tensor(to_tensor(images), return_features=return_features)
 
     @torch.inference_mode()
+    def _patch_outputs(self, tiles: np.ndarray, maps: bool) -> tuple[np.ndarray, torch.Tensor | None]:
+        """R of every model input (uint8 [n, P, P, C]) and, with `maps`, its anomaly map [n, h, w] (the
+        critic's resolution), in chunks of max_patches inputs per forward."""
+        r_parts, map_parts = [], []
+        for i in range(0, len(tiles), self.max_patches):
+            chunk = tiles[i:i + self.max_patches]
+            if maps:  # the map needs the critic's activation: the torch modules, whatever the runtime
+                r, cell = ops.pair_rscore_map(self.feature_map(to_tensor(chunk)))
+                map_parts.append(cell.float().cpu())
+                r_parts.append(r.float().cpu().numpy())
+            else:
+                r_parts.append(self.score_fitted(chunk).r)
+        r = np.concatenate(r_parts).astype(np.float64) if r_parts else np.zeros(0)
+        return r, (torch.cat(map_parts) if map_parts else None) if maps else None
+
+    def score_tiles(self, batch: TileBatch) -> np.ndarray:
+        """Image scores of a TileBatch, float64 [B]: a whole-image model's R, or for a patch model the
+        mean of each image's top_k patch R-scores. Every patch of the batch goes through the model
+        together (in chunks of max_patches)."""
+        patch_r, _ = self._patch_outputs(batch.tiles, maps=False)
+        return image_scores(patch_r, batch, self.spec.top_k)
+
+    def inspect_tiles(self, batch: TileBatch) -> list[Inspection]:
+        """Score, anomaly map (at each image's own size) and hottest region per image, from the same
+        forward that gives the score (the map op returns R and the map together)."""
+        patch_r, cells = self._patch_outputs(batch.tiles, maps=True)
+        scores = image_scores(patch_r, batch, self.spec.top_k)
+        out = []
+        for score, grid, cell in zip(scores, batch.grids, batch.split(cells) if cells is not None else []):
+            anomaly_map = stitch_map(cell, grid, self.spec)
+            out.append(Inspection(float(score), anomaly_map, hottest_region(anomaly_map)))
+        return out
+
+    def inspect(self, images) -> list[Inspection]:
+        """Decoded uint8 images (any sizes) -> per image its score, anomaly map and hottest region."""
+        return self.inspect_tiles(self.prepare(images))
+
+    def anomaly_maps(self, images) -> list[np.ndarray]:
+        """Decoded uint8 images (any sizes) -> one float32 map per image at its own size (higher = more
+        anomalous): the critic's per-position feature difference, stitched across patches."""
+        return [item.map for item in self.inspect(images)]
+
+    @torch.inference_mode()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """G(E(x)) for model inputs x [B, C, S, S] in [-1, 1], float32 on the CPU (for reports)."""
         x = x.to(self.device).contiguous(memory_format=self._memory_format)
         return self.model.generator(self.model.encoder(x)).float().cpu().contiguous()
 
     def score_images(self, images, *, return_features: bool = False) -> Scores:
-        """Decoded uint8 images (any sizes) -> Scores."""
+        """Decoded uint8 images (any sizes) -> Scores (features: whole-image models only)."""
+        if self.spec.patched:
+            if return_features:
+                raise ValueError("return_features is for whole-image models; a patch model's image has many patches")
+            return Scores(self.score_tiles(self.prepare(images)))
         return self.score_fitted(self.fit(images), return_features=return_features)
 
-    def r_scores(self, x: torch.Tensor | np.ndarray, batch_size: int = 256, desc: str | None = None) -> np.ndarray:
-        """R-scores of many inputs in chunks: a model-input tensor, or uint8 [N, S, S, C] images already
-        fitted to the model size (converted chunk by chunk, so a large set is never one float copy).
+    def _score_chunk(self, chunk) -> np.ndarray:
+        if isinstance(chunk, TileBatch):
+            return self.score_tiles(chunk)
+        if isinstance(chunk, torch.Tensor):
+            return self.score_tensor(chunk).r
+        if chunk.dtype == object:  # fitted images of a patch model (any sizes)
+            return self.score_tiles(tile_fitted(chunk, [img.shape[:2] for img in chunk], self.spec))
+        return self.score_fitted(chunk).r
+
+    def r_scores(self, x, batch_size: int = 256, desc: str | None = None) -> np.ndarray:
+        """Image scores of many inputs in chunks of `batch_size` images: a model-input tensor, uint8
+        [N, S, S, C] images already fitted to a whole-image model (converted chunk by chunk, so a large
+        set is never one float copy), a patch model's fitted images (object array), or a TileBatch.
         `desc` shows progress under that name."""
         out = []
         with progress(total=len(x), desc=desc, unit="img") if desc else contextlib.nullcontext() as bar:
             for i in range(0, len(x), batch_size):
-                chunk = x[i : i + batch_size]
-                out.append((self.score_tensor(chunk) if isinstance(chunk, torch.Tensor) else self.score_fitted(chunk)).r)
+                chunk = x.select(range(i, min(i + batch_size, len(x)))) if isinstance(x, TileBatch) else x[i : i + batch_size]
+                out.append(self._score_chunk(chunk))
                 if bar is not None:
                     bar.update(len(out[-1]))
         return np.concatenate(out) if out else np.zeros(0)
+
+
+def hottest_region(anomaly_map: np.ndarray, level: float = 0.5) -> tuple[int, int, int, int]:
+    """(x, y, w, h) in the map's pixels: the bounding box of the connected area around the map's
+    maximum where the map is at least `level` of the way from its median to that maximum."""
+    peak = np.unravel_index(int(np.argmax(anomaly_map)), anomaly_map.shape)
+    top, base = float(anomaly_map[peak]), float(np.median(anomaly_map))
+    hot = anomaly_map >= base + level * (top - base)
+    labels, _ = ndimage.label(hot)
+    ys, xs = np.nonzero(labels == labels[peak])
+    return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
 
 
 def score_frames(scorer: Scorer, frames: Iterable[tuple[np.ndarray, str | None]], fitter: CalibrationFitter,

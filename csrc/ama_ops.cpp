@@ -68,6 +68,9 @@ TORCH_LIBRARY(ama, m) {
   m.def("pair_rscore(Tensor h) -> Tensor", {at::Tag::pt2_compliant_tag});
   // Same, plus the pooled features f = sum_hw ReLU(h) [2B, C] float32 for callers that need D's logits.
   m.def("pair_rscore_features(Tensor h) -> (Tensor r, Tensor features)", {at::Tag::pt2_compliant_tag});
+  // Same R, plus the anomaly map [B, H, W] float32: per position, sum_c |ReLU(h_xx) - ReLU(h_xxhat)|
+  // (the pair's feature difference before the sum-pool), from the same single pass over h.
+  m.def("pair_rscore_map(Tensor h) -> (Tensor r, Tensor map)", {at::Tag::pt2_compliant_tag});
   // n points of the shell r_inner <= |z| <= r_outer in R^d, float32 [n, d]: a uniform direction and a
   // radius uniform in [r_inner, r_outer], or (volume=True) uniform over the shell's volume.
   m.def(

@@ -56,4 +56,10 @@ inline std::tuple<at::Tensor, at::Tensor> allocate_pair_rscore_outputs(const at:
   return {at::empty({h.size(0) / 2}, opts), features};
 }
 
+// The [B] float32 R-scores and the [B, H, W] float32 anomaly map.
+inline std::tuple<at::Tensor, at::Tensor> allocate_pair_rscore_map_outputs(const at::Tensor& h) {
+  const auto opts = h.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
+  return {at::empty({h.size(0) / 2}, opts), at::empty({h.size(0) / 2, h.size(2), h.size(3)}, opts)};
+}
+
 }  // namespace ama

@@ -51,7 +51,9 @@ class NegativesSection(Section):
     """Atypical selection: latent codes outside the data's typical region, decoded as negatives."""
 
     enabled: bool = True  # atypical latent codes decoded as negatives E/G must not reconstruct
-    mode: Literal["shell", "relative", "cube"] = "shell"  # shell: the paper's spherical shell; relative: scaled E(x) (the authors' code); cube: Sipple 2020
+    # shell: the paper's spherical shell; relative: scaled E(x) (the authors' code); cube: Sipple 2020;
+    # synthetic: pixel-space negatives, good training images with a synthetic defect implanted (kinds below)
+    mode: Literal["shell", "relative", "cube", "synthetic"] = "shell"
     direction: Literal["inward", "outward"] = "inward"  # shell/relative: inside or outside the normal codes' radius
     radius: Literal["typical", "empirical"] | float = "typical"  # typical: sqrt(nz); empirical: batch median ||E(x)||
     # shell radius law: uniform in [r_in, r_out] (the paper), or uniform over the shell's volume
@@ -60,6 +62,21 @@ class NegativesSection(Section):
     weight: float = Field(5.0, ge=0)  # lambda_neg
     start_epoch: int = Field(10, ge=0)  # 0-based: the paper starts at epoch 11
     fraction: float = Field(0.1, gt=0, le=1)  # negatives per batch, as a fraction of the batch size (distributed: of each process's share)
+    # synthetic: which defects (ama_stream.defects: spot, scratch, cutpaste, blend), their extent in
+    # pixels of the model input (log-uniform in the range) and contrast (uniform; 1 = the full range)
+    kinds: list[Literal["spot", "scratch", "cutpaste", "blend"]] = ["spot", "scratch", "cutpaste", "blend"]
+    size: tuple[float, float] = (2.0, 16.0)
+    contrast: tuple[float, float] = (0.1, 0.6)
+
+    @model_validator(mode="after")
+    def _synthetic_ranges(self):
+        if not self.kinds:
+            raise ValueError("kinds must name at least one defect kind")
+        if not 1 <= self.size[0] <= self.size[1]:
+            raise ValueError(f"size must be [min, max] with 1 <= min <= max, got {list(self.size)}")
+        if not 0 < self.contrast[0] <= self.contrast[1] <= 1:
+            raise ValueError(f"contrast must be [min, max] with 0 < min <= max <= 1, got {list(self.contrast)}")
+        return self
 
     @field_validator("radius")
     @classmethod

@@ -49,6 +49,20 @@ ELPV_ANOMALY_CLASSES = (1.0,)
 _VAL_SPLIT, _VAL_ANOMALIES, _TEST_ANOMALIES, _LIMIT_TRAIN, _LIMIT_VAL, _LIMIT_TEST = range(1, 7)
 
 
+class PatchSection(Section):
+    """A patch model: trained on random size x size crops of the good images, and scoring an image by
+    tiling it with such patches `stride` pixels apart (overlapping when stride < size)."""
+
+    size: int = Field(64, ge=16)  # the model's input in pixels: a power of two
+    stride: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _stride_fits(self):
+        if self.stride > self.size:
+            raise ValueError(f"patch.stride ({self.stride}) must not exceed patch.size ({self.size}): pixels would be skipped")
+        return self
+
+
 class DataConfig(Section):
     """The `data:` block of a training config."""
 
@@ -60,6 +74,11 @@ class DataConfig(Section):
     image_size: int | Literal["auto"] = "auto"
     channels: Literal[1, 3, "auto"] = "auto"  # 1 = gray, 3 = colour, auto (see image_size)
     resize: Literal["auto", "pad", "resize"] = "auto"  # see ama_stream.preprocess.fit_image
+    # a patch model instead of whole images fitted to image_size: images keep their aspect, scaled by
+    # `scale` (1 = native pixels), and are tiled with patches (image_size is then patch.size)
+    patch: PatchSection | None = None
+    scale: float = Field(1.0, gt=0, le=4)  # patch model: working scale of the images
+    top_k: int = Field(1, ge=1)  # patch model: an image's score is the mean of its k highest patch scores
     anomaly_fraction: float = Field(0.2, gt=0)  # cross: anomalies per normal test image
     test_fraction: float = Field(0.2, gt=0, lt=1)  # test share of sources without a built-in split
     split_seed: int = Field(0, ge=0)  # seed of that split (not the run seed: see the module docstring)
@@ -85,6 +104,11 @@ class DataConfig(Section):
                                  "data.normal; remove data.anomaly")
         if self.val_anomalies and self.val_fraction == 0:
             raise ValueError("val_anomalies needs normal validation images too: set val_fraction > 0")
+        if self.patch is not None:
+            if self.image_size not in ("auto", self.patch.size):
+                raise ValueError(f"a patch model's input is its patch: image_size {self.image_size} differs from "
+                                 f"patch.size {self.patch.size} (leave image_size auto)")
+            object.__setattr__(self, "image_size", self.patch.size)
         return self
 
     def effective_val_fraction(self) -> float:
@@ -99,6 +123,9 @@ class DataConfig(Section):
     def preprocess_spec(self) -> PreprocessSpec:
         if self.shape_is_auto:
             raise ValueError("data.image_size/channels are 'auto': resolve them from the data first (resolve_image_shape)")
+        if self.patch is not None:
+            return PreprocessSpec(image_size=self.patch.size, channels=self.channels, resize=self.resize,
+                                  patch_stride=self.patch.stride, scale=self.scale, top_k=self.top_k)
         return PreprocessSpec(image_size=self.image_size, channels=self.channels, resize=self.resize)
 
 

@@ -151,12 +151,15 @@ class AMAObjective:
 
     def forward(self, model: AMA, x: torch.Tensor, z_neg: torch.Tensor | None,
                 generator: torch.Generator | None = None) -> StepImages:
-        """E and G over the normal batch (train-mode BN) and the auxiliary passes (see `_aux`).
+        """`z_neg`: the step's negatives, latent codes [n, nz] (decoded by G) or images [n, C, S, S].
+        E and G over the normal batch (train-mode BN) and the auxiliary passes (see `_aux`).
         With aux_bn "batch" (the old behaviour, kept to measure against) negatives are reconstructed in
         one joint pass with x and the decodes use, and move, their own batch statistics."""
         enc, gen = model.encoder, model.generator
         x_neg = None
-        if z_neg is not None:
+        if z_neg is not None and z_neg.dim() == 4:  # pixel-space negatives (synthetic defects): images already
+            x_neg = z_neg
+        elif z_neg is not None:
             with torch.no_grad(), self._aux(gen):
                 x_neg = gen(z_neg)  # a fixed input image: E/G must not reconstruct it
         if x_neg is not None and self.aux_bn == "batch":

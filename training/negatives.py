@@ -8,21 +8,33 @@ Modes (DESIGN.md section 3):
             the batch's median ||E(x)|| ("empirical"), or a number.
 - relative: the authors' code: alpha * E(x) (inward) or E(x) / alpha (outward), alpha ~ U(0, delta).
 - cube:     Sipple (2020) baseline: uniform in the batch codes' bounding box widened by delta per side.
+- synthetic: not codes but images: good training images with a synthetic defect implanted
+            (ama_stream.defects; `synthetic_negatives`), fed to the same negative term.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ama_stream import ops
+from ama_stream.defects import implant_batch
 
 from .config import NegativesSection
 
 
 def needs_codes(cfg: NegativesSection) -> bool:
     """Whether sampling looks at the batch's encodings (else only the latent size matters)."""
-    return cfg.mode != "shell" or cfg.radius == "empirical"
+    return cfg.mode in ("relative", "cube") or (cfg.mode == "shell" and cfg.radius == "empirical")
+
+
+def synthetic_negatives(cfg: NegativesSection, images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n pixel-space negatives, uint8 [n, S, S, C]: n of the batch's good images (drawn without
+    replacement when the batch has enough), each with one synthetic defect of cfg.kinds."""
+    picks = rng.choice(len(images), size=n, replace=n > len(images))
+    defective, _masks = implant_batch(images[picks], tuple(cfg.kinds), cfg.size, cfg.contrast, rng)
+    return defective
 
 
 def shell_radii(cfg: NegativesSection, nz: int, codes: torch.Tensor | None) -> tuple[float, float]:
@@ -41,6 +53,8 @@ def shell_radii(cfg: NegativesSection, nz: int, codes: torch.Tensor | None) -> t
 def sample_negatives(cfg: NegativesSection, n: int, nz: int, codes: torch.Tensor | None = None,
                      generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """n negative codes [n, nz] on `device`. `codes`: the batch's encodings, required when needs_codes(cfg)."""
+    if cfg.mode == "synthetic":
+        raise ValueError("synthetic negatives are images: use synthetic_negatives")
     if needs_codes(cfg) and codes is None:
         raise ValueError(f"negatives mode {cfg.mode!r} with radius {cfg.radius!r} needs the batch's codes")
     if cfg.mode == "shell":

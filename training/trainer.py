@@ -36,7 +36,8 @@ from .config import TrainConfig
 from .datasets import ProtocolData, build_protocol, holdout_record, resolve_image_shape
 from .evaluate import detection_metrics, fit_gaussian, full_metrics, good_only_metrics
 from .losses import AMAObjective
-from .negatives import needs_codes, sample_negatives
+from .negatives import needs_codes, sample_negatives, synthetic_negatives
+from .patches import RandomCrops
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +111,20 @@ class Trainer:
         self.state = LoopState()
         self.best_weights: dict | None = None
         self._board = None  # TensorBoard writer, made on first use (False: tensorboard not installed)
-        self.train_images = data.train
-        if len(self.train_images) < cfg.train.batch_size:
+        self.train_images = data.train  # whole images (a patch model's: at their working scale, any sizes)
+        self.patched = cfg.data.preprocess_spec().patched
+        # what a step draws its batch from: the images, or a patch model's random crops of them
+        self.batches = RandomCrops(data.train, self.model_cfg.image_size, cfg.seed) if self.patched else data.train
+        self.np_rng = np.random.default_rng([cfg.seed, 5])  # synthetic negatives
+        if len(self.batches) < cfg.train.batch_size:
             raise ValueError(
-                f"only {len(self.train_images)} training images for batch size {cfg.train.batch_size}; "
+                f"only {len(self.batches)} training images for batch size {cfg.train.batch_size}; "
                 "lower train.batch_size or add data"
             )
 
     # ----- schedule -------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        full = len(self.train_images) // self.cfg.train.batch_size
+        full = len(self.batches) // self.cfg.train.batch_size
         cap = self.cfg.train.steps_per_epoch
         return min(full, cap) if cap else full
 
@@ -132,11 +137,19 @@ class Trainer:
         return n.enabled and n.weight > 0 and epoch >= n.start_epoch
 
     # ----- one step -------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, epoch: int) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor, epoch: int, images: np.ndarray | None = None) -> dict[str, float]:
+        """One critic + E/G update on the batch x; `images`: the same batch as uint8 (synthetic negatives
+        are implanted into copies of some of them)."""
         z_neg = None
         if self._negatives_on(epoch):
             ncfg = self.cfg.loss.negatives
             n_neg = max(1, round(ncfg.fraction * x.shape[0]))
+        if self._negatives_on(epoch) and ncfg.mode == "synthetic":
+            if images is None:
+                raise ValueError("synthetic negatives need the batch's uint8 images")
+            z_neg = to_tensor(synthetic_negatives(ncfg, images, n_neg, self.np_rng)).to(
+                x.device, memory_format=self.memory_format)
+        elif self._negatives_on(epoch):
             codes = None
             if needs_codes(ncfg):
                 with torch.no_grad():
@@ -229,11 +242,11 @@ class Trainer:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the passes below
         bs = self.cfg.train.batch_size
-        order = np.random.default_rng(self.cfg.seed + 4).permutation(len(self.train_images))
+        order = np.random.default_rng(self.cfg.seed + 4).permutation(len(self.batches))
         self.model.train()
         with torch.no_grad():
             for i in range(min(batches, max(1, len(order) // bs))):
-                x = to_tensor(self.train_images[np.sort(order[i * bs:(i + 1) * bs])]).to(
+                x = to_tensor(self.batches[np.sort(order[i * bs:(i + 1) * bs])]).to(
                     self.device, memory_format=self.memory_format)
                 self.model.reconstruct(x)
                 if i < 10:  # one power iteration per pass
@@ -247,7 +260,7 @@ class Trainer:
         while self.state.epoch < cfg.epochs and self.state.step < total:
             epoch = self.state.epoch
             self.model.train()
-            order = self.rng.permutation(len(self.train_images))
+            order = self.rng.permutation(len(self.batches))
             for i in range(per_epoch):
                 if self.state.step >= total:
                     break
@@ -255,9 +268,9 @@ class Trainer:
                 if self.dist is not None:  # this rank's share of the global batch
                     idx = ddp.shard(idx, self.dist.rank, self.world_size)
                 idx = np.sort(idx)
-                x = to_tensor(self.train_images[idx]).to(self.device, non_blocking=True,
-                                                         memory_format=self.memory_format)
-                logs = self.train_step(x, epoch)
+                images = self.batches[idx]
+                x = to_tensor(images).to(self.device, non_blocking=True, memory_format=self.memory_format)
+                logs = self.train_step(x, epoch, images)
                 self._images += len(idx)
                 if self.average is not None:
                     self.average.update_parameters(self.model)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import torch
 from kafka.structs import TopicPartition
 
-from ama_stream.preprocess import FitTally, PreprocessSpec, fit_image, native_shape, to_tensor
+from ama_stream.preprocess import FitTally, PreprocessSpec, fit_image, native_shape
+from ama_stream.tiling import TileBatch, tile_fitted
 
 from .fetch_guard import UnreadableRecord
 from .frames import FrameError, FrameLimits, decode_frame
@@ -44,7 +44,7 @@ class PolledBatch:
 class DecodedBatch:
     frames: list[FrameMeta]
     values: list[bytes]  # the original values of `frames`, for dead letters if scoring fails
-    inputs: torch.Tensor | None  # [B, C, S, S] model input for `frames`, pinned when scoring on CUDA
+    inputs: TileBatch | None  # the model inputs of `frames`: one per frame, or each frame's patches
     rejected: list[Rejected]
     positions: dict[TopicPartition, int]  # per partition: the offset after the last frame of the batch
     epoch: int
@@ -66,15 +66,14 @@ def positions(records) -> dict[TopicPartition, int]:
 class FrameDecoder:
     """Raw records -> DecodedBatch. Thread-safe: holds no state besides its configuration.
 
-    Takes the Scorer (or anything with `.spec: PreprocessSpec` and `.device`), never calls it."""
+    Takes the Scorer (or anything with `.spec: PreprocessSpec`), never calls it."""
 
     def __init__(self, scorer, limits: FrameLimits):
         self.spec: PreprocessSpec = scorer.spec
         self.limits = limits
-        self.pin = scorer.device.type == "cuda"  # page-locked input makes the host-to-device copy asynchronous
 
     def __call__(self, batch: PolledBatch) -> DecodedBatch:
-        """Each frame is decoded and at once fitted to the model size, so its native pixels are freed
+        """Each frame is decoded and at once fitted to the model (its size, or a patch model's scale), so its native pixels are freed
         before the next frame is decoded: a batch of 64 frames of 4096x4096 RGBA holds one such
         frame at a time (64 MiB), not 4 GiB. The batch's pixel budget (limits.max_batch_pixels)
         bounds its decoding work: a frame past it is dead-lettered, value kept, for `replay`."""
@@ -82,6 +81,7 @@ class FrameDecoder:
         frames: list[FrameMeta] = []
         values: list[bytes] = []
         fitted: list[np.ndarray] = []
+        natives: list[tuple[int, int]] = []
         rejected: list[Rejected] = []
         misfit = FitTally(self.spec)
         pixels_left = self.limits.max_batch_pixels
@@ -104,18 +104,15 @@ class FrameDecoder:
                 rejected.append(Rejected(meta, rec.value, "preprocess-failed", f"preprocess-failed: {exc}"))
                 continue
             misfit.add(native_shape(native))
+            natives.append(native.shape[:2])
             pixels_left -= native.shape[0] * native.shape[1]
             del native
             frames.append(meta)
             values.append(rec.value)
-        inputs = None
-        if fitted:
-            inputs = to_tensor(np.stack(fitted))
-            inputs = inputs.pin_memory() if self.pin else inputs
         return DecodedBatch(
             frames=frames,
             values=values,
-            inputs=inputs,
+            inputs=tile_fitted(fitted, natives, self.spec) if fitted else None,  # cut into patches here, off the loop
             rejected=rejected,
             positions=positions(batch.records),
             epoch=batch.epoch,

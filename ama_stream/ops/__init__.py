@@ -14,7 +14,7 @@ import torch
 
 from . import _compiled
 from .checks import check_pair_rscore_args, check_shell_sample_args, resolve_sample_device
-from .reference import pair_rscore_reference, shell_sample_reference
+from .reference import pair_rscore_map_reference, pair_rscore_reference, shell_sample_reference
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,17 @@ def pair_rscore(h: torch.Tensor, *, return_features: bool = False):
     if return_features:
         return torch.ops.ama.pair_rscore_features(h)
     return torch.ops.ama.pair_rscore(h)
+
+
+def pair_rscore_map(h: torch.Tensor):
+    """h [2B, C, H, W] as for pair_rscore -> (R [B] float32, map [B, H, W] float32), one pass over h:
+    map[b] = sum_c |ReLU(h_(x,x)) - ReLU(h_(x,x_hat))| per position (the anomaly map before the
+    sum-pool), R exactly as pair_rscore. Inference op: under autograd the twin runs."""
+    check_pair_rscore_args(h)
+    grad = h.requires_grad and torch.is_grad_enabled()
+    if h.device.type not in _compiled.DEVICES or grad:
+        return pair_rscore_map_reference(h)
+    return torch.ops.ama.pair_rscore_map(h)
 
 
 def shell_sample(
@@ -75,4 +86,5 @@ if _compiled.LOAD_ERROR is None:
 else:
     log.info("backend: reference (pure PyTorch; ama_stream._C not loaded: %s)", _compiled.LOAD_ERROR)
 
-__all__ = ["backend", "pair_rscore", "shell_sample", "pair_rscore_reference", "shell_sample_reference"]
+__all__ = ["backend", "pair_rscore", "pair_rscore_map", "shell_sample", "pair_rscore_reference",
+           "pair_rscore_map_reference", "shell_sample_reference"]

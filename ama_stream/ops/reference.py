@@ -23,6 +23,20 @@ def pair_rscore_reference(h: torch.Tensor, *, return_features: bool = False):
     return (r, f) if return_features else r
 
 
+def pair_rscore_map_reference(h: torch.Tensor):
+    """R and the anomaly map of the mirrored critic in one pass over h.
+
+    h [2B, C, H, W] as for pair_rscore -> (R [B] float32, map [B, H, W] float32) with
+    map[b, y, x] = sum_c |ReLU(h[b, c, y, x]) - ReLU(h[B + b, c, y, x])|: the per-position L1
+    difference of the features before the sum-pool (R compares them after it, so R <= map.sum()).
+    """
+    check_pair_rscore_args(h)
+    a = torch.relu(h.float())
+    b = a.shape[0] // 2
+    r = (a[:b].sum(dim=(2, 3)) - a[b:].sum(dim=(2, 3))).abs().sum(dim=1)
+    return r, (a[:b] - a[b:]).abs().sum(dim=1)
+
+
 def shell_sample_reference(
     n: int,
     d: int,

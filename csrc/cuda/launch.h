@@ -19,6 +19,12 @@ cudaError_t launch_pair_rscore(
     const scalar_t* h, bool nhwc, int64_t pairs, int64_t channels, int64_t hw, float* r, float* features,
     cudaStream_t stream);
 
+// h as above -> r [B] and map [B, H*W] (sum over channels of |ReLU(x) - ReLU(y)| per position).
+template <typename scalar_t>
+cudaError_t launch_pair_rscore_map(
+    const scalar_t* h, bool nhwc, int64_t pairs, int64_t channels, int64_t hw, float* r, float* map,
+    cudaStream_t stream);
+
 // Philox blocks (4 x 32 bits each) one row of shell_sample consumes: ceil(d / 4) for the
 // coordinates, one for the radius.
 constexpr int64_t shell_sample_blocks_per_row(int64_t d) {

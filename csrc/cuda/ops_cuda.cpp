@@ -48,6 +48,27 @@ std::tuple<at::Tensor, at::Tensor> pair_rscore_features_cuda(const at::Tensor& h
   return pair_rscore_impl(h, /*with_features=*/true);
 }
 
+std::tuple<at::Tensor, at::Tensor> pair_rscore_map_cuda(const at::Tensor& h_in) {
+  check_pair_rscore_args(h_in);
+  TORCH_CHECK_VALUE(h_in.is_cuda(), "pair_rscore_map: CUDA kernel called with h on ", h_in.device());
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  auto [r, map] = allocate_pair_rscore_map_outputs(h_in);
+  const int64_t pairs = h_in.size(0) / 2;
+  if (pairs == 0) {
+    return {r, map};
+  }
+  TORCH_CHECK(pairs <= std::numeric_limits<int32_t>::max(), "pair_rscore_map: too many pairs for one launch: ", pairs);
+  const bool nhwc = reads_as_nhwc(h_in);
+  const at::Tensor h = nhwc ? h_in : h_in.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AMA_DISPATCH_RSCORE_TYPES(h.scalar_type(), "ama::pair_rscore_map (CUDA)", [&] {
+    C10_CUDA_CHECK(cuda::launch_pair_rscore_map<scalar_t>(h.const_data_ptr<scalar_t>(), nhwc, pairs, h.size(1),
+                                                          h.size(2) * h.size(3), r.data_ptr<float>(),
+                                                          map.data_ptr<float>(), stream));
+  });
+  return {r, map};
+}
+
 at::Tensor shell_sample_cuda(
     int64_t n,
     int64_t d,
@@ -92,5 +113,6 @@ at::Tensor shell_sample_cuda(
 TORCH_LIBRARY_IMPL(ama, CUDA, m) {
   m.impl("pair_rscore", &ama::pair_rscore_cuda);
   m.impl("pair_rscore_features", &ama::pair_rscore_features_cuda);
+  m.impl("pair_rscore_map", &ama::pair_rscore_map_cuda);
   m.impl("shell_sample", &ama::shell_sample_cuda);
 }

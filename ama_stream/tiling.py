@@ -1,0 +1,161 @@
+"""Cutting images into the model's inputs, and putting per-input results back together.
+
+A whole-image model sees each image once, fitted to its input size. A patch model sees each image
+at its working scale (aspect kept) as overlapping square patches of its input size, `patch_stride`
+apart, the last row and column flush with the image's far edges so every pixel is covered. Both
+are a `TileBatch`: the inputs of a batch of images in one uint8 array and, per image, its
+`TileGrid`, so that one forward scores every patch of a micro-batch and the results split back
+per image: patch scores into an image score (`image_scores`), per-patch maps into one map over
+the image at its own size (`stitch_map`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .preprocess import PreprocessSpec, fit_image, fit_reasons, native_shape
+
+
+def positions(length: int, patch: int, stride: int) -> tuple[int, ...]:
+    """Start offsets of patches along one side: 0, stride, 2 stride, ... and length - patch last."""
+    if length <= patch:
+        return (0,)
+    starts = list(range(0, length - patch + 1, stride))
+    if starts[-1] != length - patch:
+        starts.append(length - patch)
+    return tuple(starts)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Where one image's inputs come from: patch (y, x) corners on the fitted image, row-major."""
+
+    height: int  # the fitted image (what the patches cover)
+    width: int
+    patch: int
+    ys: tuple[int, ...]
+    xs: tuple[int, ...]
+    native: tuple[int, int]  # (height, width) of the image as it arrived: maps are returned at this size
+
+    @property
+    def count(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of patches."""
+        return len(self.ys), len(self.xs)
+
+
+def grid_for(fitted: np.ndarray, native: tuple[int, int], spec: PreprocessSpec) -> TileGrid:
+    h, w = fitted.shape[:2]
+    if not spec.patched:
+        return TileGrid(h, w, spec.image_size, (0,), (0,), native)
+    stride = spec.patch_stride
+    return TileGrid(h, w, spec.image_size, positions(h, spec.image_size, stride), positions(w, spec.image_size, stride),
+                    native)
+
+
+def cut(fitted: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """The grid's patches of a fitted image, uint8 [count, P, P, C] (a whole-image model: the image)."""
+    p = grid.patch
+    if grid.count == 1 and fitted.shape[:2] == (p, p):
+        return fitted[None]
+    return np.stack([fitted[y:y + p, x:x + p] for y in grid.ys for x in grid.xs])
+
+
+@dataclass
+class TileBatch:
+    """Every model input of a batch of images, and per image its grid."""
+
+    tiles: np.ndarray  # uint8 [n, P, P, C], the images' patches in order
+    grids: list[TileGrid]
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """int64 [B + 1]: image i's patches are tiles[bounds[i]:bounds[i + 1]]."""
+        return np.concatenate([[0], np.cumsum([g.count for g in self.grids])]).astype(np.int64)
+
+    def __getitem__(self, images: slice) -> "TileBatch":
+        """The images `images` (a slice) with their patches."""
+        return self.select(range(len(self.grids))[images])
+
+    def select(self, indices) -> "TileBatch":
+        bounds = self.bounds
+        parts = [self.tiles[bounds[i]:bounds[i + 1]] for i in indices]
+        tiles = np.concatenate(parts) if parts else self.tiles[:0]
+        return TileBatch(tiles, [self.grids[i] for i in indices])
+
+    def split(self, values):
+        """Per-patch values (first axis n) -> one slice per image."""
+        bounds = self.bounds
+        return [values[bounds[i]:bounds[i + 1]] for i in range(len(self.grids))]
+
+
+def empty_batch(spec: PreprocessSpec) -> TileBatch:
+    p = spec.image_size
+    return TileBatch(np.zeros((0, p, p, spec.channels), np.uint8), [])
+
+
+def tile_fitted(fitted_images, natives, spec: PreprocessSpec) -> TileBatch:
+    """Images already fitted (preprocess.fit_image) -> their TileBatch; `natives`: their (h, w) as they arrived."""
+    if len(fitted_images) == 0:
+        return empty_batch(spec)
+    grids = [grid_for(img, native, spec) for img, native in zip(fitted_images, natives)]
+    return TileBatch(np.concatenate([cut(img, g) for img, g in zip(fitted_images, grids)]), grids)
+
+
+def tile_images(images, spec: PreprocessSpec) -> TileBatch:
+    """Decoded uint8 images (any sizes) -> their TileBatch, one image fitted at a time."""
+    fitted, natives = [], []
+    for img in images:
+        fitted.append(fit_image(img, spec))
+        natives.append(native_shape(img)[:2])
+    return tile_fitted(fitted, natives, spec)
+
+
+def image_scores(patch_scores: np.ndarray, batch: TileBatch, top_k: int) -> np.ndarray:
+    """Per image, the mean of its top_k patch scores (top_k = 1: the max), float64 [B]. A NaN patch
+    score makes the image's score NaN: a broken score is never hidden by the others."""
+    out = np.empty(len(batch), np.float64)
+    for i, scores in enumerate(batch.split(np.asarray(patch_scores, np.float64))):
+        if np.isnan(scores).any():
+            out[i] = np.nan
+            continue
+        k = min(top_k, len(scores))
+        out[i] = float(np.mean(np.partition(scores, len(scores) - k)[-k:]))
+    return out
+
+
+def stitch_map(cell_maps: torch.Tensor, grid: TileGrid, spec: PreprocessSpec) -> np.ndarray:
+    """Per-patch maps [count, h, w] (the critic's resolution) -> one float32 map of the image at its
+    own size [native_h, native_w]: each patch's map upsampled bilinearly to the patch, overlaps
+    averaged, then brought back from the working scale (or the whole-image fit) to the image's size."""
+    p = grid.patch
+    up = F.interpolate(cell_maps.float()[:, None], size=(p, p), mode="bilinear", align_corners=False)[:, 0]
+    canvas = torch.zeros(grid.height, grid.width)
+    counts = torch.zeros(grid.height, grid.width)
+    for k, (y, x) in enumerate((y, x) for y in grid.ys for x in grid.xs):
+        canvas[y:y + p, x:x + p] += up[k]
+        counts[y:y + p, x:x + p] += 1
+    canvas = canvas / counts.clamp_min(1)
+    return _to_native(canvas, grid, spec).numpy()
+
+
+def _to_native(canvas: torch.Tensor, grid: TileGrid, spec: PreprocessSpec) -> torch.Tensor:
+    """Undo the fit: drop padding, resize to the native size."""
+    nh, nw = grid.native
+    if spec.patched:  # padded at the bottom/right only when the scaled image was under one patch
+        canvas = canvas[:max(1, round(nh * spec.scale)), :max(1, round(nw * spec.scale))]
+    elif "padded" in fit_reasons((nh, nw, spec.channels), spec):  # centred, as fit_image pads
+        top, left = (grid.height - nh) // 2, (grid.width - nw) // 2
+        canvas = canvas[top:top + nh, left:left + nw]
+    if tuple(canvas.shape) != (nh, nw):
+        canvas = F.interpolate(canvas[None, None], size=(nh, nw), mode="bilinear", align_corners=False)[0, 0]
+    return canvas.contiguous()
