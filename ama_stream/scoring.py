@@ -26,7 +26,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .model import bake_spectral_norm, stacked_pairs
 from .runtimes import check_runtime
 from .preprocess import FitTally, fit_image, native_shape, to_tensor
-from .tiling import TileBatch, image_scores, stitch_map, tile_fitted, tile_images
+from .tiling import TileBatch, TileGrid, image_scores, stitch_map, tile_fitted, tile_images
 from .progress import progress
 
 if TYPE_CHECKING:
@@ -242,6 +242,28 @@ class Scorer:
         r = np.concatenate(r_parts).astype(np.float64) if r_parts else np.zeros(0)
         return r, (torch.cat(map_parts) if map_parts else None) if maps else None
 
+    def tile(self, fitted, natives=None) -> TileBatch:
+        """Images already fitted (Scorer.fit: a uint8 [B, S, S, C] array or a patch model's object array)
+        -> their TileBatch. `natives`: the images' (height, width) as they arrived, the size their maps
+        are returned at (default: the fitted size)."""
+        natives = [img.shape[:2] for img in fitted] if natives is None else [tuple(int(v) for v in n[:2]) for n in natives]
+        if isinstance(fitted, np.ndarray) and fitted.dtype == np.uint8 and fitted.ndim == 4 and not self.spec.patched:
+            return TileBatch(fitted, [TileGrid(*img.shape[:2], self.spec.image_size, (0,), (0,), native)
+                                      for img, native in zip(fitted, natives)])
+        return tile_fitted(fitted, natives, self.spec)
+
+    def representative_inputs(self, fitted) -> np.ndarray:
+        """The model input that stands for each fitted image, uint8 [B, S, S, C]: the image itself, or a
+        patch model's highest-scoring patch (for reconstruction figures)."""
+        batch = self.tile(fitted)
+        if not self.spec.patched:
+            return batch.tiles
+        patch_r, _ = self._patch_outputs(batch.tiles, maps=False)
+        bounds = batch.bounds
+        picks = [bounds[i] + int(np.nanargmax(r)) if np.isfinite(r).any() else bounds[i]
+                 for i, r in enumerate(batch.split(patch_r))]
+        return batch.tiles[picks]
+
     def score_tiles(self, batch: TileBatch) -> np.ndarray:
         """Image scores of a TileBatch, float64 [B]: a whole-image model's R, or for a patch model the
         mean of each image's top_k patch R-scores. Every patch of the batch goes through the model
@@ -289,7 +311,7 @@ class Scorer:
         if isinstance(chunk, torch.Tensor):
             return self.score_tensor(chunk).r
         if chunk.dtype == object:  # fitted images of a patch model (any sizes)
-            return self.score_tiles(tile_fitted(chunk, [img.shape[:2] for img in chunk], self.spec))
+            return self.score_tiles(self.tile(chunk))
         return self.score_fitted(chunk).r
 
     def r_scores(self, x, batch_size: int = 256, desc: str | None = None) -> np.ndarray:

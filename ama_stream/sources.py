@@ -160,7 +160,7 @@ def source_classes(spec: SourceSpec, data_root: str | os.PathLike | None = None)
 
 @dataclass(frozen=True)
 class LabeledImages:
-    images: np.ndarray  # uint8 [N, S, S, C], fitted to the model size
+    images: np.ndarray  # uint8 [N, S, S, C], fitted to the model size (a patch model: object array of HxWxC)
     labels: np.ndarray  # int64 [N]: index into class_names; -1 for an npz without labels
     class_names: tuple[str, ...]  # every class of the source, not only the selected ones
     ids: tuple[str, ...]  # file paths, or FILE#INDEX
@@ -190,9 +190,10 @@ SKIP_NAMED = 5  # undecodable files named one by one before only the count goes 
 
 def _decode_fitted(cat: Catalog, chosen: np.ndarray, image_spec: PreprocessSpec,
                    skip_corrupt: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fitted images of the decodable items, mask of those items over `chosen`, their native shapes)."""
+    """(fitted images of the decodable items, mask of those items over `chosen`, their native shapes).
+    A patch model's images keep their own sizes: an object array of HxWxC arrays."""
     s, c = image_spec.image_size, image_spec.channels
-    images = np.empty((len(chosen), s, s, c), dtype=np.uint8)
+    images = np.empty(len(chosen), dtype=object) if image_spec.patched else np.empty((len(chosen), s, s, c), np.uint8)
     shapes = np.zeros((len(chosen), 3), dtype=np.int32)
     kept = np.ones(len(chosen), dtype=bool)
     bar = progress(total=len(chosen), desc=f"decoding {cat.root.name}", unit="img") if cat.decoded else None
@@ -235,7 +236,8 @@ def load_images(
     cat = catalog(spec, resolve_root(spec, data_root))
     chosen = _select(cat, spec, seed, test_fraction)
     key = None
-    if cat.decoded and len(chosen) >= CACHE_MIN_IMAGES and imagecache.cache_dir() is not None:
+    cacheable = not image_spec.patched  # the cache holds fixed-size arrays; a patch model's images vary
+    if cacheable and cat.decoded and len(chosen) >= CACHE_MIN_IMAGES and imagecache.cache_dir() is not None:
         params = {"preprocess": image_spec.to_dict(), "skip_corrupt": spec.skip_corrupt, "code": _decoder_digest()}
         key = imagecache.entry_key([cat.ids[i] for i in chosen], params)
     shape = (image_spec.image_size, image_spec.image_size, image_spec.channels)

@@ -87,3 +87,74 @@ def autoencoder_baseline(cfg: TrainConfig, train: np.ndarray, test: np.ndarray, 
             x = to_tensor(test[i : i + 256])
             errors.append(((g(e(x)) - x) ** 2).flatten(1).sum(dim=1).numpy())
     return {**_ranking(np.concatenate(errors), labels), "steps": steps, "wall_s": round(time.monotonic() - t0, 1)}
+
+
+# --- the same baselines for a patch model: fitted on random crops, scoring each tile, maps per pixel ---
+
+
+class PatchPCA:
+    """PCA reconstruction error of image patches: a tile's score is its summed squared error, its map
+    the per-pixel squared error (summed over channels)."""
+
+    def __init__(self, k: int = 32, seed: int = 0):
+        self.k, self.seed = k, seed
+
+    def fit(self, crops: np.ndarray) -> "PatchPCA":
+        self.pca = PCA(n_components=min(self.k, *_flat(crops).shape), random_state=self.seed).fit(_flat(crops))
+        return self
+
+    def __call__(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = _flat(tiles)
+        residual = (x - self.pca.inverse_transform(self.pca.transform(x))) ** 2
+        maps = residual.reshape(tiles.shape).sum(axis=3)
+        return residual.sum(axis=1), maps
+
+
+class PatchAutoencoder:
+    """The AMA model's E and G without the critic, trained on the L2 error of random crops with the
+    same optimiser, batch and step budget; scores and maps as PatchPCA."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def fit(self, crops, steps: int) -> "PatchAutoencoder":
+        """`crops`: indexable like training.patches.RandomCrops (crops[idx] -> uint8 [n, P, P, C])."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed + 2)
+        model = AMA(cfg.model_config_for_data())
+        self.e, self.g = model.encoder, model.generator
+        o = cfg.optim
+        opt = torch.optim.Adam([{"params": self.e.parameters(), "betas": o.betas_e},
+                                {"params": self.g.parameters(), "betas": o.betas_g}], lr=o.lr)
+        self.e.train(), self.g.train()
+        for step in range(steps):
+            x = to_tensor(crops[np.sort(rng.choice(len(crops), cfg.train.batch_size, replace=False))])
+            loss = ((self.g(self.e(x)) - x) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (step + 1) % max(cfg.train.log_every, 1) == 0:
+                log.info("patch autoencoder step %d/%d l2=%.4g", step + 1, steps, float(loss.detach()))
+        self.e.eval(), self.g.eval()
+        return self
+
+    @torch.inference_mode()
+    def __call__(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = [], []
+        for i in range(0, len(tiles), 512):
+            x = to_tensor(tiles[i:i + 512])
+            err = ((self.g(self.e(x)) - x) ** 2).sum(dim=1)  # [n, P, P]
+            scores.append(err.flatten(1).sum(dim=1).numpy())
+            maps.append(err.numpy())
+        return np.concatenate(scores), np.concatenate(maps)
+
+
+def inspect_with(tile_scorer, batch, spec) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A baseline's image scores (mean of the top_k tile scores, as the Scorer) and maps at each image's
+    own size (tiles' per-pixel maps stitched as the Scorer stitches the critic's)."""
+    from ama_stream.tiling import image_scores, stitch_map
+
+    tile_scores, tile_maps = tile_scorer(batch.tiles)
+    maps = [stitch_map(torch.from_numpy(m), grid, spec) for m, grid in zip(batch.split(tile_maps), batch.grids)]
+    return image_scores(tile_scores, batch, spec.top_k), maps

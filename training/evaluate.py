@@ -58,8 +58,9 @@ def good_only_metrics(scorer: Scorer, images: np.ndarray, r: np.ndarray, calibra
     if len(r) == 0:
         return {}
     d = calibration.decide(r)
+    inputs = scorer.tile(images).tiles  # every model input: the images, or a patch model's patches
     l1 = [float((scorer.reconstruct(x) - x).abs().mean(dim=(1, 2, 3)).sum())
-          for x in (to_tensor(images[i : i + batch_size]) for i in range(0, len(images), batch_size))]
+          for x in (to_tensor(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size))]
     q = np.quantile(r, [0.01, 0.5, 0.99])
     return {
         "holdout_n": int(len(r)),
@@ -69,7 +70,7 @@ def good_only_metrics(scorer: Scorer, images: np.ndarray, r: np.ndarray, calibra
         "holdout_r_p01": float(q[0]), "holdout_r_p50": float(q[1]), "holdout_r_p99": float(q[2]),
         "holdout_z_mean": float(np.mean(d.z)),
         "holdout_z_std": float(np.std(d.z)),
-        "holdout_recon_l1": sum(l1) / len(r),
+        "holdout_recon_l1": sum(l1) / len(inputs),
     }
 
 

@@ -27,6 +27,7 @@ matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from ama_stream.fileio import atomic_write_bytes  # noqa: E402
 
@@ -145,6 +146,32 @@ def plot_reconstructions(path: Path, rows: Sequence[tuple[str, np.ndarray, np.nd
     return _save(fig, path)
 
 
+def plot_overlays(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> str:
+    """rows: (title, image uint8 HxWxC as the model saw it, anomaly map at the image's own size, mask or
+    None); each panel shows the image with the map as a heat overlay (one colour scale for the
+    figure) and the defect mask's outline in green."""
+    lo = min(float(np.min(m)) for _t, _i, m, _k in rows)
+    hi = max(float(np.max(m)) for _t, _i, m, _k in rows)
+    cols = min(4, len(rows))
+    n_rows = math.ceil(len(rows) / cols)
+    first = rows[0][2]
+    aspect = first.shape[0] / max(first.shape[1], 1)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 4 * aspect * n_rows + 0.6), squeeze=False)
+    for ax, (title, image, anomaly_map, mask) in zip(axes.flat, rows):
+        h, w = anomaly_map.shape
+        shown = np.asarray(Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).resize((w, h)))
+        ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None)
+        ax.imshow(anomaly_map.astype(np.float32), cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
+        if mask is not None and mask.any():
+            ax.contour(mask.astype(float), levels=[0.5], colors="lime", linewidths=0.8)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def extreme_indices(r: np.ndarray, count: int = GRID_IMAGES) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the `count` lowest and highest finite R-scores."""
     finite = np.flatnonzero(np.isfinite(r))
@@ -186,11 +213,13 @@ def write_report(out_dir: str | Path, scorer, *, title: str, metrics: Mapping[st
                  normal_images: np.ndarray, r_normal: np.ndarray, anomaly_images: np.ndarray | None = None,
                  r_anomaly: np.ndarray | None = None, a_normal: np.ndarray | None = None,
                  a_anomaly: np.ndarray | None = None, metrics_csv: Path | None = None,
-                 normal_label: str = "normal", notes: Sequence[str] = ()) -> Path:
+                 normal_label: str = "normal", notes: Sequence[str] = (),
+                 overlays: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] | None = None) -> Path:
     """Every plot that the data allows, and report.html; returns the report's path.
 
-    images are uint8 [N, S, S, C] at the model's size; r_* their R-scores; a_* their A-scores
-    (-log A, high = anomalous) for the ROC/PR curves.
+    images are fitted to the model (Scorer.fit: uint8 [N, S, S, C], or a patch model's object array);
+    r_* their scores; a_* their A-scores (-log A, high = anomalous) for the ROC/PR curves. A patch
+    model's reconstruction rows show each image's highest-scoring patch.
     """
     from ama_stream.preprocess import to_tensor
 
@@ -216,8 +245,10 @@ def write_report(out_dir: str | Path, scorer, *, title: str, metrics: Mapping[st
         low, high = extreme_indices(r)
         for which, idx in (("lowest R", low), ("highest R", high)):
             if len(idx):
-                x = to_tensor(pool[idx])
+                x = to_tensor(scorer.representative_inputs(pool[idx]))
                 grid_rows.append((f"{label}: {which}", x.numpy(), scorer.reconstruct(x).numpy(), r[idx]))
     images.append(plot_reconstructions(out / "reconstructions.png", grid_rows))
+    if overlays:
+        images.append(plot_overlays(out / "maps.png", overlays))
     write_html(out / "report.html", title, metrics, images, notes)
     return out / "report.html"

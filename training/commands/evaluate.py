@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+import numpy as np
 import logging
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ from ama_stream.fileio import atomic_write_bytes
 from ama_stream.runtimes import add_runtime_options
 from ama_stream.scoring import Scorer
 from ama_stream.settings import SettingsError, deep_merge, load_settings, parse_overrides
-from ama_stream.sources import parse_source, resolve_data_root
+from ama_stream.sources import parse_source, resolve_data_root, resolve_root
 
 from ..config import TrainConfig
 from ama_stream.calibration import Calibration
@@ -28,6 +30,7 @@ from ama_stream.calibration import Calibration
 from ama_stream.preprocess import FitTally
 
 from ..datasets import build_test_set, holdout_record
+from .. import pixelmaps
 from ..evaluate import full_metrics, good_only_metrics, human_table
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--plots", metavar="DIR", help="write the report there: R-score densities (the paper's Fig. 4), "
                                                   "ROC and PR curves, reconstructions and report.html")
+    p.add_argument("--maps", metavar="DIR", help="write each test image's anomaly map there: an 8-bit PNG named by "
+                                                 "the image's file stem, the image's size, one scale for the run "
+                                                 "(0 = least, 255 = most anomalous)")
+    p.add_argument("--masks", metavar="SOURCE", help="defect masks, folder:DIR of PNGs named by the images' file "
+                                                     "stems (nonzero = defect; no file = defect-free): adds pixel "
+                                                     "AUROC and AUPRO to the JSON")
     p.add_argument("--skip-corrupt", action="store_true", help="skip and count undecodable images instead of stopping")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the training config's data section, e.g. data.limit_test=500")
@@ -74,6 +83,48 @@ def _check_inputs(ckpt, test, own_normals: bool) -> None:
                         "trained-on image is scored, but the numbers differ from the training report's",
                         now["holdout_normal_count"], ckpt.metrics.get("holdout_normal_count", 0))
 
+def _mask_folder(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    spec = parse_source(text)
+    if spec.format != "folder":
+        raise SettingsError(f"--masks takes folder:DIR (mask PNGs named by the images' file stems), got {text!r}")
+    return pixelmaps.mask_index(resolve_root(spec, resolve_data_root(None)))
+
+
+def _write_maps_and_pixel_metrics(maps_dir: str | None, masks: dict | None, test, maps) -> dict:
+    """The 8-bit PNGs (one scale for the run) and, with masks, pixel AUROC and AUPRO."""
+    out: dict = {}
+    lo, hi = pixelmaps.value_range(maps)
+    if maps_dir:
+        pixelmaps.write_maps(maps_dir, test.ids, maps, lo, hi)
+        out.update(maps=str(maps_dir), maps_scale=[lo, hi])
+        log.info("wrote %d anomaly maps to %s (0 = %.4g, 255 = %.4g)", len(maps), maps_dir, lo, hi)
+    if masks is not None:
+        metrics = pixelmaps.PixelMetrics(pixelmaps.quantile_edges(maps))
+        for image_id, shape, anomaly_map in zip(test.ids, test.shapes, maps):
+            metrics.add(anomaly_map, pixelmaps.read_mask(masks, image_id, tuple(int(v) for v in shape[:2])))
+        pixel = metrics.result()
+        if not pixel:
+            log.warning("no pixel metrics: the masks mark no defect pixel in these test images (or every pixel)")
+        out.update(pixel)
+    return out
+
+
+def _overlays(test, r, maps, masks):
+    """(title, image, map, mask) for the highest-scored good and defective test images (report figures)."""
+    if maps is None:
+        return None
+    rows = []
+    for label, which in (("good", test.labels == 0), ("defect", test.labels == 1)):
+        idx = np.flatnonzero(which)
+        for i in idx[np.argsort(-r[idx])][:4]:
+            mask = pixelmaps.read_mask(masks, test.ids[i], tuple(int(v) for v in test.shapes[i][:2])) if masks else None
+            rows.append((f"{label} {pixelmaps.map_name(test.ids[i])[:-4]}: score {r[i]:.4g}", test.images[i], maps[i],
+                         mask))
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     overrides = parse_overrides(args.set)
@@ -95,7 +146,14 @@ def run(args: argparse.Namespace) -> int:
     test = build_test_set(data, data_root, seed, normal=normal, anomaly=anomaly)
     _check_inputs(ckpt, test, normal is None)
     scorer = Scorer(ckpt, device=args.device, runtime=args.runtime, runtime_model=args.runtime_model)
-    r = scorer.r_scores(test.images, batch_size=args.batch_size, desc="scoring test images")
+    masks = _mask_folder(args.masks)
+    maps = None
+    if args.maps or masks is not None or args.plots:  # the maps come from the same forward as the scores
+        if test.shapes is None:
+            raise SettingsError("anomaly maps need the test images' native sizes, which this source does not record")
+        r, maps, _regions = pixelmaps.inspect_set(scorer, test.images, test.shapes)
+    else:
+        r = scorer.r_scores(test.images, batch_size=args.batch_size, desc="scoring test images")
     calibration = Calibration.from_checkpoint(ckpt)
     good = test.labels == 0
     result = good_only_metrics(scorer, test.images[good], r[good], calibration)
@@ -109,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         anomaly=(anomaly or cfg.data.anomaly).model_dump(mode="json") if (anomaly or cfg.data.anomaly) else None,
         seed=seed,
     )
+    if maps is not None and (args.maps or masks is not None):
+        result.update(_write_maps_and_pixel_metrics(args.maps, masks, test, maps))
     if args.plots:
         from ..report import write_report  # matplotlib only when asked
 
@@ -117,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
         report = write_report(args.plots, scorer, title=f"ama-stream evaluate: model {ckpt.model_id}", metrics=result,
                               normal_images=test.images[normal], r_normal=r[normal],
                               anomaly_images=test.images[anomaly], r_anomaly=r[anomaly],
-                              a_normal=a[normal], a_anomaly=a[anomaly])
+                              a_normal=a[normal], a_anomaly=a[anomaly],
+                              overlays=_overlays(test, r, maps, masks))
         result["report"] = str(report)
     line = json.dumps(result, sort_keys=True)
     if args.out:
