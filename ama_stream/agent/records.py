@@ -6,13 +6,19 @@ documented for users in docs/wire-format.md; change them only together with SCOR
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
+from PIL import Image
+
 if TYPE_CHECKING:
+    from ama_stream.scoring import Inspection
+
     from .score import ScoredBatch
     from .settings import TopicsSection
 
@@ -147,8 +153,9 @@ def score_record(
     model_id: str,
     calibration_id: str,
     scored_at: int,
+    inspection: "Inspection | None" = None,
 ) -> dict[str, Any]:
-    return {
+    record = {
         "schema": SCORE_SCHEMA,
         "frame_id": meta.frame_id,
         "camera_id": meta.camera_id,
@@ -166,6 +173,29 @@ def score_record(
         "captured_at": meta.captured_at,
         "scored_at": scored_at,
     }
+    if inspection is not None:  # optional v1 fields, anomalies only: where in the frame (its own pixels)
+        x, y, w, h = inspection.region
+        record["region"] = {"x": x, "y": y, "w": w, "h": h}
+        record["map_max"] = _finite(inspection.map_max)
+    return record
+
+
+MAP_SIDE = 256  # the maps topic's heatmaps: longer side at most this many pixels (a few KiB of PNG)
+
+
+def heatmap_png(anomaly_map: np.ndarray, side: int = MAP_SIDE) -> bytes:
+    """The map as an 8-bit gray PNG, 0 = 0 and 255 = the map's maximum, shrunk so its longer side is
+    at most `side` pixels (same aspect as the frame)."""
+    h, w = anomaly_map.shape
+    top = float(np.nanmax(anomaly_map)) if anomaly_map.size else 0.0
+    scaled = np.nan_to_num(anomaly_map.astype(np.float32) * (255.0 / top if top > 0 else 0.0), nan=255.0)
+    image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    factor = side / max(h, w)
+    if factor < 1:
+        image = image.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BILINEAR)
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
@@ -226,6 +256,7 @@ class RecordBuilder:
         self.scores = topics.scores
         self.alerts = topics.alerts
         self.dead_letter = topics.dead_letter
+        self.maps = topics.maps
 
     def build(self, result: "ScoredBatch", model_id: str, calibration_id: str, scored_at: int) -> list[OutMessage]:
         out: list[OutMessage] = []
@@ -233,6 +264,7 @@ class RecordBuilder:
             record = score_record(
                 f.meta, r_score=f.r, z=f.z, log_a=f.log_a, p_value=f.p_value, anomaly=f.anomaly,
                 threshold=f.threshold, model_id=model_id, calibration_id=calibration_id, scored_at=scored_at,
+                inspection=f.inspection,
             )
             value, headers = encode_record(record), record_headers(f.meta)
             # if the broker refuses the record, the frame is dead-lettered (headers only) instead;
@@ -245,6 +277,10 @@ class RecordBuilder:
             if f.anomaly:
                 out.append(OutMessage(self.alerts, f.meta.out_key, value, headers,
                                       fallback=None if self.scores else fallback))
+            if f.anomaly and self.maps and f.inspection is not None:  # keyed by frame id; refused: given up
+                out.append(OutMessage(self.maps, f.meta.frame_id.encode(), heatmap_png(f.inspection.map),
+                                      [("content-type", b"image/png"), *headers[1:],
+                                       ("map-max", repr(f.inspection.map_max).encode())]))
         for rej in result.rejected:
             log.debug("dead-lettering frame %s: %s", rej.meta.frame_id, rej.error)
             value = rej.value if rej.value is not None or rej.meta.key is not None else b""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ama_stream.calibration import Calibration
+from ama_stream.scoring import Inspection
 
 from .decode import DecodedBatch, Rejected
 from .records import FrameMeta
@@ -31,6 +32,7 @@ class ScoredFrame:
     p_value: float
     anomaly: bool
     threshold: float
+    inspection: Inspection | None = None  # anomalies: the anomaly map and its hottest region
 
 
 @dataclass
@@ -87,5 +89,19 @@ def score_batch(scorer, calibration: Calibration, batch: DecodedBatch) -> Scored
                 meta=meta, r=float(r[ok[j]]), z=float(d.z[j]), log_a=float(d.log_a[j]), p_value=float(d.p_value[j]),
                 anomaly=bool(d.anomaly[j]), threshold=float(d.threshold[j]),
             ))
+        _locate(scorer, batch, [ok[j] for j in np.flatnonzero(d.anomaly)], [f for f in out.scored if f.anomaly])
     out.score_s = time.perf_counter() - t0
     return out
+
+
+def _locate(scorer, batch: DecodedBatch, rows: list[int], frames: list[ScoredFrame]) -> None:
+    """Where in each anomalous frame: its anomaly map and hottest region (a second pass over those
+    frames only, so normal frames cost nothing; alerts are rare). A failure costs only the region."""
+    if not rows or not hasattr(scorer, "inspect_tiles"):
+        return
+    try:
+        for frame, inspection in zip(frames, scorer.inspect_tiles(batch.inputs.select(rows))):
+            frame.inspection = inspection
+    except Exception as exc:  # noqa: BLE001 - the alert goes out without its region
+        log.warning("locating %d anomalies failed (%s: %s); their alerts go out without a region", len(rows),
+                    type(exc).__name__, exc)

@@ -105,8 +105,10 @@ class TopicsSection(Section):
     alerts: str = "alerts"  # the score record of anomalous frames only
     dead_letter: str = "frames-dlq"  # undecodable or refused frames, with an error header
     calibration: str | None = None  # control topic carrying calibration documents and (model_reload) model messages; null disables
+    # a small PNG heatmap per alert (keyed by frame id; docs/wire-format.md); null (default) disables
+    maps: str | None = None
 
-    @field_validator("frames", "alerts", "dead_letter", "scores", "calibration")
+    @field_validator("frames", "alerts", "dead_letter", "scores", "calibration", "maps")
     @classmethod
     def _topic_name(cls, v: str | None) -> str | None:
         if v is None or v == "":
@@ -124,6 +126,9 @@ class TopicsSection(Section):
             raise ValueError("the frames topic cannot also be an output topic")
         if self.calibration is not None and self.calibration in {self.frames, self.scores, self.alerts, self.dead_letter}:
             raise ValueError("the calibration control topic must be a topic of its own")
+        if self.maps is not None and self.maps in {self.frames, self.scores, self.alerts, self.dead_letter,
+                                                   self.calibration}:
+            raise ValueError("the maps topic must be a topic of its own")
         return self
 
 

@@ -22,6 +22,7 @@ _FLAGS = {
     "scores_topic": "topics.scores",
     "alerts_topic": "topics.alerts",
     "dlq_topic": "topics.dead_letter",
+    "maps_topic": "topics.maps",
     "group_id": "group_id",
     "delivery": "delivery",
     "agent_id": "agent_id",
@@ -48,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores-topic", metavar="T", help="topic for one score record per frame ('' disables)")
     parser.add_argument("--alerts-topic", metavar="T", help="topic for the records of anomalous frames")
     parser.add_argument("--dlq-topic", metavar="T", help="dead-letter topic for frames that cannot be scored")
+    parser.add_argument("--maps-topic", metavar="T", help="topic for a small PNG anomaly map per alert, keyed by "
+                                                          "frame id (off by default)")
     parser.add_argument("--group-id", metavar="G", help="consumer group (agents in one group share partitions)")
     parser.add_argument("--delivery", choices=DELIVERY_MODES,
                         help="at-least-once (default): a crash can repeat a frame's records; exactly-once: a batch's "
