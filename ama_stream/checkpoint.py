@@ -13,6 +13,9 @@ tensors and primitive containers is ever unpickled):
     metrics      whatever the trainer measured (plain data)
     created_at   ISO-8601 UTC
     resume       optional: optimiser/scheduler/RNG state and counters to continue training
+    position_stats  optional (a patch model for aligned parts): per patch position, mean and std of
+                 the good images' patch R-scores (`patch_mean`/`patch_std` [rows, cols]) and, per pixel
+                 of the working size, of their anomaly maps (`map_mean`/`map_std` [height, width])
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)
     created_at: str = ""
     resume: dict | None = None
+    position_stats: dict[str, torch.Tensor] | None = None  # see the module docstring
     model_id: str = ""  # weights_id(): set on load and save
 
     def build_model(self, device: str | torch.device = "cpu") -> AMA:
@@ -81,19 +85,23 @@ class Checkpoint:
         }
         if self.resume is not None:
             payload["resume"] = self.resume
+        if self.position_stats is not None:
+            payload["position_stats"] = {k: v.detach().cpu().float() for k, v in self.position_stats.items()}
         return payload
 
 
-def weights_id(model: ModelConfig, spec: PreprocessSpec, state_dict: dict[str, torch.Tensor]) -> str:
-    """Identity of what scores frames: architecture, preprocessing and weights.
+def weights_id(model: ModelConfig, spec: PreprocessSpec, state_dict: dict[str, torch.Tensor],
+               position_stats: dict[str, torch.Tensor] | None = None) -> str:
+    """Identity of what scores frames: architecture, preprocessing, weights (and per-position statistics).
 
     Metrics or resume state may change without changing it, so calibrations stay valid.
     """
     h = hashlib.sha256()
     h.update(repr(sorted(model.to_dict().items())).encode())
     h.update(repr(sorted(spec.to_dict().items())).encode())
-    for key in sorted(state_dict):
-        t = state_dict[key].detach().cpu().contiguous()
+    tensors = {**state_dict, **{f"position_stats.{k}": v for k, v in (position_stats or {}).items()}}
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
         h.update(key.encode())
         h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -105,7 +113,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> str:
     buf = io.BytesIO()
     torch.save(ckpt.to_payload(), buf)
     atomic_write_bytes(path, buf.getvalue())
-    ckpt.model_id = weights_id(ckpt.model, ckpt.preprocess, ckpt.state_dict)
+    ckpt.model_id = weights_id(ckpt.model, ckpt.preprocess, ckpt.state_dict, ckpt.position_stats)
     return ckpt.model_id
 
 
@@ -148,6 +156,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         math.isfinite(sigma) and sigma > 0
     ):
         raise CheckpointError(f"{path}: invalid R-score statistics mu={mu!r} sigma={sigma!r}")
+    positions = _position_stats(payload.get("position_stats"), spec, path)
     ckpt = Checkpoint(
         model=model_cfg,
         preprocess=spec,
@@ -159,6 +168,28 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         metrics=payload.get("metrics") or {},
         created_at=str(payload.get("created_at", "")),
         resume=payload.get("resume"),
+        position_stats=positions,
     )
-    ckpt.model_id = weights_id(model_cfg, spec, state)
+    ckpt.model_id = weights_id(model_cfg, spec, state, positions)
     return ckpt
+
+
+POSITION_KEYS = ("patch_mean", "patch_std", "map_mean", "map_std")
+
+
+def _position_stats(stats, spec: PreprocessSpec, path: Path) -> dict[str, torch.Tensor] | None:
+    """The optional per-position statistics, checked: four finite 2-D tensors, positive stds, and a
+    working size (frame_size) for the maps' to refer to."""
+    if stats is None:
+        return None
+    if not isinstance(stats, dict) or set(stats) != set(POSITION_KEYS) or not all(
+            isinstance(v, torch.Tensor) and v.dim() == 2 for v in stats.values()):
+        raise CheckpointError(f"{path}: position_stats must hold the 2-D tensors {', '.join(POSITION_KEYS)}")
+    if not spec.frame_size or tuple(stats["map_mean"].shape) != spec.frame_size:
+        raise CheckpointError(f"{path}: position_stats maps of {tuple(stats['map_mean'].shape)} do not match the "
+                              f"working size {spec.frame_size}")
+    for mean, std in (("patch_mean", "patch_std"), ("map_mean", "map_std")):
+        if stats[mean].shape != stats[std].shape or not bool(torch.isfinite(stats[mean]).all()) or not bool(
+                (torch.isfinite(stats[std]) & (stats[std] > 0)).all()):
+            raise CheckpointError(f"{path}: position_stats {mean}/{std} are not finite with positive stds of one shape")
+    return {k: stats[k].float() for k in POSITION_KEYS}

@@ -30,6 +30,9 @@ class PreprocessSpec:
     patch_stride: int = 0
     scale: float = 1.0
     top_k: int = 1  # patch model: an image's score is the mean of its k highest patch scores
+    # patch model with per-position statistics (aligned parts): the working size (height, width) every
+    # image is brought to, so each patch position means the same place on the part; () = any size
+    frame_size: tuple[int, ...] = ()
 
     @property
     def patched(self) -> bool:
@@ -42,6 +45,11 @@ class PreprocessSpec:
             raise ValueError(f"scale must be in (0, 4], got {self.scale}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        object.__setattr__(self, "frame_size", tuple(int(v) for v in self.frame_size))  # lists from a checkpoint
+        if self.frame_size and (len(self.frame_size) != 2 or not self.patched
+                                or min(self.frame_size) < self.image_size):
+            raise ValueError(f"frame_size must be (height, width) of at least one patch ({self.image_size}) for a "
+                             f"patch model, got {self.frame_size}")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.channels not in (1, 3):
@@ -50,11 +58,21 @@ class PreprocessSpec:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The keys added with patch models only when set: a whole-image model's dict (and so its
+        model_id, which calibrations name) is what it was before they existed."""
+        out = asdict(self)
+        out["frame_size"] = list(self.frame_size)
+        for key, default in _PATCH_DEFAULTS.items():
+            if out[key] == default:
+                del out[key]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessSpec":
         return cls(**data)
+
+
+_PATCH_DEFAULTS = {"patch_stride": 0, "scale": 1.0, "top_k": 1, "frame_size": []}
 
 
 def _convert_channels(img: np.ndarray, channels: int) -> np.ndarray:
@@ -90,7 +108,10 @@ def scaled_size(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int
 
 def _fit_patched(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Scaled by spec.scale with the aspect kept; an image smaller than a patch is padded by repeating
-    its edge pixels (zeros would be a dark frame: a defect to the model)."""
+    its edge pixels (zeros would be a dark frame: a defect to the model). With spec.frame_size (aligned
+    parts), brought to exactly that working size instead."""
+    if spec.frame_size:
+        return img if img.shape[:2] == spec.frame_size else _resize(img, *spec.frame_size)
     h, w = max(1, round(img.shape[0] * spec.scale)), max(1, round(img.shape[1] * spec.scale))
     if (h, w) != img.shape[:2]:
         img = _resize(img, h, w)
@@ -150,7 +171,10 @@ def fit_reasons(shape: tuple[int, int, int], spec: PreprocessSpec) -> tuple[str,
     h, w, c = shape
     reasons = []
     s = spec.image_size
-    if spec.patched:  # scaling is the model's own setting, not a misfit; an image under one patch is padded
+    if spec.patched and spec.frame_size:  # aligned parts: another size than the training images' is resized
+        if (round(h * spec.scale), round(w * spec.scale)) != spec.frame_size:
+            reasons.append("resized")
+    elif spec.patched:  # scaling is the model's own setting, not a misfit; an image under one patch is padded
         if round(h * spec.scale) < s or round(w * spec.scale) < s:
             reasons.append("padded")
     elif (h, w) != (s, s):

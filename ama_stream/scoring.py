@@ -26,7 +26,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .model import bake_spectral_norm, stacked_pairs
 from .runtimes import check_runtime
 from .preprocess import FitTally, fit_image, native_shape, to_tensor
-from .tiling import TileBatch, TileGrid, image_scores, stitch_map, tile_fitted, tile_images
+from .tiling import TileBatch, TileGrid, image_scores, stitch, tile_fitted, tile_images, to_native
 from .progress import progress
 
 if TYPE_CHECKING:
@@ -137,6 +137,9 @@ class Scorer:
         self.precision = precision
         self.compile_mode = compile_mode
         self.max_patches = max(1, int(max_patches))  # model inputs per forward when scoring tiled images
+        stats = self.checkpoint.position_stats
+        self.positions_t = {k: v.float() for k, v in stats.items()} if stats is not None else None
+        self.positions = {k: v.numpy().astype(np.float64) for k, v in self.positions_t.items()} if stats else None
         self._memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         model = self.checkpoint.build_model("cpu")
         with torch.no_grad():
@@ -259,28 +262,64 @@ class Scorer:
         if not self.spec.patched:
             return batch.tiles
         patch_r, _ = self._patch_outputs(batch.tiles, maps=False)
+        if self.positions is not None:
+            patch_r = np.concatenate([(r - self.positions["patch_mean"].ravel()) / self.positions["patch_std"].ravel()
+                                      for r in batch.split(patch_r)])
         bounds = batch.bounds
         picks = [bounds[i] + int(np.nanargmax(r)) if np.isfinite(r).any() else bounds[i]
                  for i, r in enumerate(batch.split(patch_r))]
         return batch.tiles[picks]
 
+    def _image_scores(self, patch_r: np.ndarray, batch: TileBatch) -> np.ndarray:
+        """Patch R-scores -> image scores: with per-position statistics, each patch's R as a z-score
+        against the good images' R at that position first."""
+        if self.positions is not None:
+            mean, std = self.positions["patch_mean"], self.positions["patch_std"]
+            for grid in batch.grids:
+                if grid.shape != mean.shape:
+                    raise ValueError(f"an image tiled as {grid.shape} patches, but the model's per-position "
+                                     f"statistics are for {mean.shape} (fit images with Scorer.fit)")
+            patch_r = np.concatenate([(r - mean.ravel()) / std.ravel() for r in batch.split(patch_r)]) \
+                if len(batch) else patch_r
+        return image_scores(patch_r, batch, self.spec.top_k)
+
     def score_tiles(self, batch: TileBatch) -> np.ndarray:
         """Image scores of a TileBatch, float64 [B]: a whole-image model's R, or for a patch model the
-        mean of each image's top_k patch R-scores. Every patch of the batch goes through the model
-        together (in chunks of max_patches)."""
+        mean of each image's top_k patch scores (R, or its z-score at that position when the model has
+        per-position statistics). Every patch of the batch goes through the model together (in chunks
+        of max_patches)."""
         patch_r, _ = self._patch_outputs(batch.tiles, maps=False)
-        return image_scores(patch_r, batch, self.spec.top_k)
+        return self._image_scores(patch_r, batch)
+
+    def fitted_map(self, cells: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+        """One image's per-patch maps -> its map over the fitted image (with per-position statistics:
+        a z-score per pixel against the good images' maps)."""
+        canvas = stitch(cells, grid)
+        if self.positions is not None:
+            canvas = (canvas - self.positions_t["map_mean"]) / self.positions_t["map_std"]
+        return canvas
 
     def inspect_tiles(self, batch: TileBatch) -> list[Inspection]:
         """Score, anomaly map (at each image's own size) and hottest region per image, from the same
         forward that gives the score (the map op returns R and the map together)."""
         patch_r, cells = self._patch_outputs(batch.tiles, maps=True)
-        scores = image_scores(patch_r, batch, self.spec.top_k)
+        scores = self._image_scores(patch_r, batch)
         out = []
         for score, grid, cell in zip(scores, batch.grids, batch.split(cells) if cells is not None else []):
-            anomaly_map = stitch_map(cell, grid, self.spec)
+            anomaly_map = to_native(self.fitted_map(cell, grid), grid, self.spec)
             out.append(Inspection(float(score), anomaly_map, hottest_region(anomaly_map)))
         return out
+
+    def raw_position_outputs(self, batch: TileBatch) -> tuple[np.ndarray, np.ndarray]:
+        """For fitting per-position statistics on good images of one working size: their patch R-scores
+        [N, rows, cols] and their raw stitched maps [N, height, width] (no statistics applied)."""
+        grids = batch.grids
+        if len({(g.height, g.width) for g in grids}) != 1:
+            raise ValueError("per-position statistics need images of one working size")
+        patch_r, cells = self._patch_outputs(batch.tiles, maps=True)
+        r = np.stack([part.reshape(g.shape) for part, g in zip(batch.split(patch_r), grids)])
+        maps = np.stack([stitch(c, g).numpy() for c, g in zip(batch.split(cells), grids)])
+        return r, maps
 
     def inspect(self, images) -> list[Inspection]:
         """Decoded uint8 images (any sizes) -> per image its score, anomaly map and hottest region."""

@@ -133,10 +133,9 @@ def image_scores(patch_scores: np.ndarray, batch: TileBatch, top_k: int) -> np.n
     return out
 
 
-def stitch_map(cell_maps: torch.Tensor, grid: TileGrid, spec: PreprocessSpec) -> np.ndarray:
-    """Per-patch maps [count, h, w] (the critic's resolution) -> one float32 map of the image at its
-    own size [native_h, native_w]: each patch's map upsampled bilinearly to the patch, overlaps
-    averaged, then brought back from the working scale (or the whole-image fit) to the image's size."""
+def stitch(cell_maps: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """Per-patch maps [count, h, w] (the critic's resolution) -> one float32 map over the fitted image
+    [height, width]: each patch's map upsampled bilinearly to the patch, overlaps averaged."""
     p = grid.patch
     up = F.interpolate(cell_maps.float()[:, None], size=(p, p), mode="bilinear", align_corners=False)[:, 0]
     canvas = torch.zeros(grid.height, grid.width)
@@ -144,18 +143,24 @@ def stitch_map(cell_maps: torch.Tensor, grid: TileGrid, spec: PreprocessSpec) ->
     for k, (y, x) in enumerate((y, x) for y in grid.ys for x in grid.xs):
         canvas[y:y + p, x:x + p] += up[k]
         counts[y:y + p, x:x + p] += 1
-    canvas = canvas / counts.clamp_min(1)
-    return _to_native(canvas, grid, spec).numpy()
+    return canvas / counts.clamp_min(1)
 
 
-def _to_native(canvas: torch.Tensor, grid: TileGrid, spec: PreprocessSpec) -> torch.Tensor:
-    """Undo the fit: drop padding, resize to the native size."""
+def stitch_map(cell_maps: torch.Tensor, grid: TileGrid, spec: PreprocessSpec) -> np.ndarray:
+    """Per-patch maps -> one float32 map of the image at its own size [native_h, native_w] (stitch,
+    then brought back from the working scale, or the whole-image fit, to the image's size)."""
+    return to_native(stitch(cell_maps, grid), grid, spec)
+
+
+def to_native(canvas: torch.Tensor, grid: TileGrid, spec: PreprocessSpec) -> np.ndarray:
+    """A map over the fitted image -> float32 [native_h, native_w]: the fit undone (padding dropped,
+    resized to the native size)."""
     nh, nw = grid.native
-    if spec.patched:  # padded at the bottom/right only when the scaled image was under one patch
+    if spec.patched and not spec.frame_size:  # padded at the bottom/right only when the scaled image was under one patch
         canvas = canvas[:max(1, round(nh * spec.scale)), :max(1, round(nw * spec.scale))]
     elif "padded" in fit_reasons((nh, nw, spec.channels), spec):  # centred, as fit_image pads
         top, left = (grid.height - nh) // 2, (grid.width - nw) // 2
         canvas = canvas[top:top + nh, left:left + nw]
     if tuple(canvas.shape) != (nh, nw):
         canvas = F.interpolate(canvas[None, None], size=(nh, nw), mode="bilinear", align_corners=False)[0, 0]
-    return canvas.contiguous()
+    return canvas.contiguous().numpy()

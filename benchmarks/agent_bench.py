@@ -9,7 +9,7 @@ training; its mu/sigma are fitted on the frames so that alerts are as rare as in
 Measured, in this order:
 
 1. raw consume: kafka-python reading the frames topic with no processing (frames/s);
-2. bare Scorer: Scorer.prepare + Scorer.score_tensor on the same frames, decoded beforehand, in
+2. bare Scorer: Scorer.prepare + Scorer.score_tiles on the same frames, decoded beforehand, in
    batches of --max-batch (frames/s; the model-only rate is reported too), with the agent's torch
    thread count and with all cores (the better one counts), measured before and after the agent
    run, since other load on a shared machine moves both;
@@ -45,7 +45,7 @@ from kafka.structs import TopicPartition
 
 from ama_stream.agent.broker import EMBEDDED_CONSUMER, EmbeddedBroker
 from ama_stream.agent.feed import frame_headers
-from ama_stream.agent.frames import PNG, FrameLimits, decode_frame, encode_frame
+from ama_stream.agent.frames import JPEG, PNG, FrameLimits, decode_frame, encode_frame
 from ama_stream.agent.kafka_io import ensure_topics, make_producer
 from ama_stream.agent.settings import KafkaSection
 from ama_stream.checkpoint import Checkpoint, save_checkpoint
@@ -56,15 +56,24 @@ from ama_stream.sources import iter_images, parse_source, resolve_data_root
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
-    # the demo's CPU model and the paper's 32x32 networks (DESIGN.md section 3)
+    # the demo's CPU model and the paper's 32x32 networks
     "small": ModelConfig(image_size=32, channels=1, nz=32, enc_width=16, gen_width=16, disc_width=16),
     "paper": ModelConfig(image_size=32, channels=1, nz=128, enc_width=64, gen_width=256, disc_width=128),
+    # configs/own_data.yaml's patch model: 32x32 colour patches
+    "patch": ModelConfig(image_size=32, channels=3, nz=64, enc_width=32, gen_width=32, disc_width=32),
 }
+# the patch model tiles each frame at its working scale (configs/own_data.yaml)
+PATCH_SPEC = PreprocessSpec(32, 3, patch_stride=16, scale=0.25)
 
 
-def frames(n: int) -> tuple[list[bytes], str]:
-    """n PNG frames: Fashion-MNIST test images (repeated if needed), else random 28x28 images."""
+def frames(n: int, source: str | None = None) -> tuple[list[bytes], str]:
+    """n frames: the images of `source` as JPEG (camera frames at their native size), else
+    Fashion-MNIST test images as PNG (repeated if needed), else random 28x28 images."""
     root = resolve_data_root()
+    if source:
+        images = [img for _, img, _ in iter_images(parse_source(source), root)][:n]
+        return [encode_frame(images[i % len(images)], JPEG) for i in range(n)], \
+            f"{source} as JPEG, {images[0].shape[1]}x{images[0].shape[0]}"
     if (root / "fashion-mnist").is_dir():
         images = [img for _, img, _ in iter_images(parse_source("idx:fashion-mnist").with_split("test"), root)]
         what = "Fashion-MNIST test images"
@@ -83,7 +92,8 @@ def publish(producer, topic: str, values: list[bytes], rate: float | None, camer
             if delay > 0:
                 time.sleep(delay)
         camera = f"cam-{i % cameras}"
-        headers = frame_headers(f"f-{i}", camera, PNG, int(time.time() * 1000))
+        headers = frame_headers(f"f-{i}", camera, JPEG if value[:3] == b"\xff\xd8\xff" else PNG,
+                                int(time.time() * 1000))
         producer.send(topic, key=camera.encode(), value=value, headers=headers)
     producer.flush()
 
@@ -103,13 +113,14 @@ def raw_consume_fps(bootstrap: str, topic: str, partitions: int, n: int) -> floa
     return got / elapsed
 
 
-def calibrated_checkpoint(cfg: ModelConfig, values: list[bytes], device: str, path: Path) -> Scorer:
+def calibrated_checkpoint(name: str, values: list[bytes], device: str, path: Path) -> Scorer:
     """Random weights, with mu/sigma of their R-scores on the first frames (so alerts are rare)."""
     torch.manual_seed(0)
-    ckpt = Checkpoint(model=cfg, preprocess=PreprocessSpec(cfg.image_size, cfg.channels),
-                      state_dict=AMA(cfg).state_dict(), mu=0.0, sigma=1.0)
+    cfg = MODELS[name]
+    spec = PATCH_SPEC if name == "patch" else PreprocessSpec(cfg.image_size, cfg.channels)
+    ckpt = Checkpoint(model=cfg, preprocess=spec, state_dict=AMA(cfg).state_dict(), mu=0.0, sigma=1.0)
     scorer = Scorer(ckpt, device)
-    r = scorer.score_images([decode_frame(v, PNG, FrameLimits()) for v in values[:512]]).r
+    r = scorer.score_images([decode_frame(v, None, FrameLimits()) for v in values[:512]]).r
     ckpt.mu, ckpt.sigma = float(r.mean()), float(r.std())
     save_checkpoint(ckpt, path)
     return Scorer(ckpt, device)
@@ -137,19 +148,19 @@ def bare_scorer_best(scorer: Scorer, values: list[bytes], batch: int) -> tuple[f
 
 def bare_scorer(scorer: Scorer, values: list[bytes], batch: int) -> tuple[float, float]:
     """(prepare + score frames/s, score-only frames/s) on the frames decoded beforehand."""
-    images = [decode_frame(v, PNG, FrameLimits()) for v in values]
+    images = [decode_frame(v, None, FrameLimits()) for v in values]
     batches = [images[i : i + batch] for i in range(0, len(images), batch)]
-    scorer.score_tensor(scorer.prepare(batches[0]))  # warm-up
+    scorer.score_tiles(scorer.prepare(batches[0]))  # warm-up
     t0 = time.perf_counter()
     inputs = []
     for b in batches:
         x = scorer.prepare(b)
         inputs.append(x)
-        scorer.score_tensor(x)
+        scorer.score_tiles(x)
     both = time.perf_counter() - t0
     t0 = time.perf_counter()
     for x in inputs:
-        scorer.score_tensor(x)
+        scorer.score_tiles(x)
     if scorer.device.type == "cuda":
         torch.cuda.synchronize()
     model = time.perf_counter() - t0
@@ -281,6 +292,8 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=int, default=20)
     p.add_argument("--model", choices=sorted(MODELS), default="small")
+    p.add_argument("--frames-source", metavar="SOURCE", help="frames from these images as JPEG at their native "
+                                                              "size (e.g. folder:bsdata/good with --model patch)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="length of the half-load run")
     p.add_argument("--bootstrap", help="an external broker instead of the embedded one")
@@ -288,9 +301,9 @@ def main() -> int:
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="agent-bench-"))
-    values, frames_kind = frames(args.frames)
+    values, frames_kind = frames(args.frames, args.frames_source)
     checkpoint = work / "model.pt"
-    scorer = calibrated_checkpoint(MODELS[args.model], values, args.device, checkpoint)
+    scorer = calibrated_checkpoint(args.model, values, args.device, checkpoint)
     loads = [os.getloadavg()[0]]
     broker = None if args.bootstrap else EmbeddedBroker(log_file=work / "broker.log").start()
     bootstrap = args.bootstrap or broker.bootstrap
@@ -335,7 +348,8 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "machine": gpu or f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
         "device": args.device,
-        "model": f"{args.model} ({json.dumps(MODELS[args.model].to_dict())})",
+        "model": f"{args.model} ({json.dumps(scorer.checkpoint.model.to_dict())}, "
+                 f"{json.dumps(scorer.spec.to_dict())})",
         "frames": len(values),
         "frames_kind": frames_kind,
         "max_batch": args.max_batch,
@@ -356,12 +370,13 @@ def main() -> int:
         "agent_vs_consume": agent / raw,
         "latency_half_load": latency,
     }
-    out = REPO / "benchmarks" / "results" / f"agent_bench_{device}.json"
+    key = device if args.model != "patch" else f"{device}-patch"  # the patch model's numbers get their own block
+    out = REPO / "benchmarks" / "results" / f"agent_bench_{key}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     if not args.no_docs:
-        update_docs(markdown(result), device)
+        update_docs(markdown(result), key)
     return 0
 
 

@@ -74,8 +74,8 @@ def measure(name: str, scores: np.ndarray, maps, test: EvalSet, halves: list[str
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
-    p.add_argument("--normal", required=True, metavar="SOURCE")
-    p.add_argument("--anomaly", required=True, metavar="SOURCE")
+    p.add_argument("--normal", metavar="SOURCE", help="the good images (default: the config's data.normal)")
+    p.add_argument("--anomaly", metavar="SOURCE", help="the defect images (default: the config's data.anomaly)")
     p.add_argument("--masks", metavar="SOURCE", help="folder:DIR of defect masks named by image stem")
     p.add_argument("--seeds", default=[0], type=seed_list)
     p.add_argument("--label", default="preset")
@@ -89,8 +89,8 @@ def main() -> int:
     if any(h not in HALVES for h in halves):
         p.error(f"--halves takes val or val,test, got {args.halves!r}")
     configure_logging("INFO")
-    sets = [f"data.normal={json.dumps(parse_source(args.normal).model_dump(mode='json'))}",
-            f"data.anomaly={json.dumps(parse_source(args.anomaly).model_dump(mode='json'))}"]
+    sets = [f"data.{side}={json.dumps(parse_source(text).model_dump(mode='json'))}"
+            for side, text in (("normal", args.normal), ("anomaly", args.anomaly)) if text]
     if args.checkpoint:
         args.seeds = [load_checkpoint(args.checkpoint).train_config.get("seed", 0)]
     for seed in args.seeds:
@@ -112,22 +112,27 @@ def main() -> int:
         scorer = Scorer(ckpt, device=cfg.device)
         scores, maps, _ = pixelmaps.inspect_set(scorer, test.images, test.shapes)
         row = {"date": date.today().isoformat(), "commit": commit(), "config": Path(args.config).stem,
-               "label": args.label, "overrides": args.set, "seed": seed, "normal": args.normal,
-               "anomaly": args.anomaly, "steps": ckpt.metrics.get("steps"), "train_wall_s": round(wall, 1),
+               "label": args.label, "overrides": args.set, "seed": seed,
+               "normal": str(cfg.data.normal), "anomaly": str(cfg.data.anomaly), "steps": ckpt.metrics.get("steps"), "train_wall_s": round(wall, 1),
                "ama": measure("ama", scores, maps, test, halves, masks)}
         saved = {"ids": np.array(test.ids), "labels": test.labels, "ama": scores}
         spec = ckpt.preprocess
         if args.baseline and spec.patched:
             batch = scorer.tile(test.images, test.shapes)
             crops = RandomCrops(data.train, spec.image_size, seed)
+            fit = None  # per-position statistics, when the model has them, on the same training images
+            if spec.frame_size:
+                n_fit = min(len(data.train), cfg.train.fit_max_images)
+                pick = np.sort(np.random.default_rng(cfg.seed + 3).choice(len(data.train), n_fit, replace=False))
+                fit = scorer.tile(data.train[pick])
             if "pca" in args.baseline:
                 pca = PatchPCA(seed=seed).fit(crops[np.arange(min(len(crops), 20000))])
-                b_scores, b_maps = inspect_with(pca, batch, spec)
+                b_scores, b_maps = inspect_with(pca, batch, spec, fit)
                 row["pca"], saved["pca"] = measure("pca", b_scores, b_maps, test, halves, masks), b_scores
             if "autoencoder" in args.baseline:
                 t1 = time.monotonic()
                 ae = PatchAutoencoder(cfg).fit(crops, int(row["steps"]))
-                b_scores, b_maps = inspect_with(ae, batch, spec)
+                b_scores, b_maps = inspect_with(ae, batch, spec, fit)
                 row["autoencoder"] = {**measure("autoencoder", b_scores, b_maps, test, halves, masks),
                                       "train_wall_s": round(time.monotonic() - t1, 1)}
                 saved["autoencoder"] = b_scores

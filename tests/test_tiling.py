@@ -103,3 +103,48 @@ def test_scorer_scores_a_micro_batch_in_one_pass_equal_to_image_by_image():
     assert [m.shape for m in maps] == [img.shape[:2] for img in images]
     fitted = scorer.fit(images)
     np.testing.assert_allclose(scorer.r_scores(fitted, batch_size=2), together, rtol=1e-5)
+
+
+# --- per-position statistics (aligned parts) --------------------------------------------------------
+
+ALIGNED = PreprocessSpec(image_size=16, channels=1, patch_stride=8, scale=0.5, frame_size=(24, 40))
+
+
+def test_an_aligned_model_brings_every_image_to_its_working_size():
+    assert fit_image(np.zeros((48, 80), np.uint8), ALIGNED).shape == (24, 40, 1)  # the training size, scaled
+    assert fit_image(np.zeros((50, 90), np.uint8), ALIGNED).shape == (24, 40, 1)  # another size: resized
+    with pytest.raises(ValueError, match="frame_size"):
+        PreprocessSpec(image_size=16, channels=1, frame_size=(24, 40))  # not a patch model
+
+
+def test_position_stats_roundtrip_change_the_model_id_and_turn_scores_into_z(tmp_path):
+    from ama_stream.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from training.trainer import fit_position_stats
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=16, channels=1, nz=8, enc_width=4, gen_width=8, disc_width=8)
+    ckpt = Checkpoint(cfg, ALIGNED, AMA(cfg).state_dict(), 0.0, 1.0)
+    plain = Scorer(ckpt, "cpu")
+    rng = np.random.default_rng(0)
+    good = [np.clip(rng.normal(120, 10, (48, 80)), 0, 255).astype(np.uint8) for _ in range(12)]
+    stats, fit_scores = fit_position_stats(plain, plain.fit(good), top_k=1, batch=5)
+    assert stats["patch_mean"].shape == plain.prepare(good[:1]).grids[0].shape and stats["map_mean"].shape == (24, 40)
+    assert (stats["patch_std"] > 0).all() and (stats["map_std"] > 0).all()
+    save_checkpoint(ckpt, tmp_path / "plain.pt")
+    ckpt.position_stats = stats
+    save_checkpoint(ckpt, tmp_path / "aligned.pt")
+    loaded = load_checkpoint(tmp_path / "aligned.pt")
+    assert loaded.model_id != load_checkpoint(tmp_path / "plain.pt").model_id
+    aligned = Scorer(loaded, "cpu")
+    np.testing.assert_allclose(aligned.score_images(good).r, fit_scores, rtol=1e-4, atol=1e-4)
+    spot = good[0].copy()
+    spot[20:30, 30:40] = 250  # a bright spot where the good images are plain
+    inspected = aligned.inspect([good[1], spot])
+    assert inspected[1].score > inspected[0].score and inspected[1].map.shape == (48, 80)
+    x, y, w, h = inspected[1].region
+    assert x < 40 and x + w > 30 and y < 30 and y + h > 20  # the hottest region overlaps the spot
+    bad = dict(stats, patch_std=torch.zeros_like(stats["patch_std"]))
+    ckpt.position_stats = bad
+    save_checkpoint(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="positive stds"):
+        load_checkpoint(tmp_path / "bad.pt")

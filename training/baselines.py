@@ -150,11 +150,25 @@ class PatchAutoencoder:
         return np.concatenate(scores), np.concatenate(maps)
 
 
-def inspect_with(tile_scorer, batch, spec) -> tuple[np.ndarray, list[np.ndarray]]:
+def inspect_with(tile_scorer, batch, spec, fit_batch=None) -> tuple[np.ndarray, list[np.ndarray]]:
     """A baseline's image scores (mean of the top_k tile scores, as the Scorer) and maps at each image's
-    own size (tiles' per-pixel maps stitched as the Scorer stitches the critic's)."""
-    from ama_stream.tiling import image_scores, stitch_map
+    own size (tiles' per-pixel maps stitched as the Scorer stitches the critic's). With `fit_batch`
+    (good training images of one working size) scores and maps are z-scores per position, as the
+    Scorer's with per-position statistics."""
+    from ama_stream.tiling import image_scores, stitch, to_native
 
-    tile_scores, tile_maps = tile_scorer(batch.tiles)
-    maps = [stitch_map(torch.from_numpy(m), grid, spec) for m, grid in zip(batch.split(tile_maps), batch.grids)]
+    def raw(b):
+        tile_scores, tile_maps = tile_scorer(b.tiles)
+        return tile_scores, [stitch(torch.from_numpy(m), g) for m, g in zip(b.split(tile_maps), b.grids)]
+
+    tile_scores, canvases = raw(batch)
+    if fit_batch is not None:
+        fit_scores, fit_maps = raw(fit_batch)
+        r = np.stack([part for part in fit_batch.split(fit_scores)])
+        m = torch.stack(fit_maps)
+        r_mean, r_std = r.mean(0), np.maximum(r.std(0), 1e-3 * max(float(np.median(r.std(0))), 1e-12))
+        m_mean, m_std = m.mean(0), m.std(0, unbiased=False).clamp_min(1e-3 * max(float(m.std(0).median()), 1e-12))
+        tile_scores = np.concatenate([(part - r_mean) / r_std for part in batch.split(tile_scores)])
+        canvases = [(c - m_mean) / m_std for c in canvases]
+    maps = [to_native(c, g, spec) for c, g in zip(canvases, batch.grids)]
     return image_scores(tile_scores, batch, spec.top_k), maps

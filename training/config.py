@@ -65,8 +65,8 @@ class NegativesSection(Section):
     # synthetic: which defects (ama_stream.defects: spot, scratch, cutpaste, blend), their extent in
     # pixels of the model input (log-uniform in the range) and contrast (uniform; 1 = the full range)
     kinds: list[Literal["spot", "scratch", "cutpaste", "blend"]] = ["spot", "scratch", "cutpaste", "blend"]
-    size: tuple[float, float] = (2.0, 16.0)
-    contrast: tuple[float, float] = (0.1, 0.6)
+    size: tuple[float, float] = (2.0, 16.0)  # synthetic: [min, max] extent of a defect in model-input pixels
+    contrast: tuple[float, float] = (0.1, 0.6)  # synthetic: [min, max] share of the intensity range it moves
 
     @model_validator(mode="after")
     def _synthetic_ranges(self):

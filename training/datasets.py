@@ -54,7 +54,7 @@ class PatchSection(Section):
     tiling it with such patches `stride` pixels apart (overlapping when stride < size)."""
 
     size: int = Field(64, ge=16)  # the model's input in pixels: a power of two
-    stride: int = Field(32, ge=1)
+    stride: int = Field(32, ge=1)  # pixels between neighbouring patches when scoring (<= size; half of it overlaps them)
 
     @model_validator(mode="after")
     def _stride_fits(self):
@@ -79,6 +79,13 @@ class DataConfig(Section):
     patch: PatchSection | None = None
     scale: float = Field(1.0, gt=0, le=4)  # patch model: working scale of the images
     top_k: int = Field(1, ge=1)  # patch model: an image's score is the mean of its k highest patch scores
+    # patch model: score each patch against the good images' scores at the same place (aligned parts, one
+    # camera set-up): auto = when every good image has the same size; on = always (other sizes are resized
+    # to the most common one); off = never
+    per_position: Literal["auto", "on", "off"] = "auto"
+    # resolved from per_position and the images (never set by hand): the working (height, width) of the
+    # per-position statistics, or None
+    frame_size: tuple[int, int] | None = None
     anomaly_fraction: float = Field(0.2, gt=0)  # cross: anomalies per normal test image
     test_fraction: float = Field(0.2, gt=0, lt=1)  # test share of sources without a built-in split
     split_seed: int = Field(0, ge=0)  # seed of that split (not the run seed: see the module docstring)
@@ -125,16 +132,34 @@ class DataConfig(Section):
             raise ValueError("data.image_size/channels are 'auto': resolve them from the data first (resolve_image_shape)")
         if self.patch is not None:
             return PreprocessSpec(image_size=self.patch.size, channels=self.channels, resize=self.resize,
-                                  patch_stride=self.patch.stride, scale=self.scale, top_k=self.top_k)
+                                  patch_stride=self.patch.stride, scale=self.scale, top_k=self.top_k,
+                                  frame_size=self.frame_size or ())
         return PreprocessSpec(image_size=self.image_size, channels=self.channels, resize=self.resize)
 
 
 AUTO_SIZES = (32, 64, 128)
 
 
+def _frame_size(cfg: DataConfig, shapes: np.ndarray) -> tuple[int, int] | None:
+    """A patch model's per-position working size: the scaled size of the good images when they all
+    have one (per_position auto) or of the most common size (on); None when off or sizes vary."""
+    if cfg.patch is None or cfg.per_position == "off" or len(shapes) == 0:
+        return None
+    sizes, counts = np.unique(shapes[:, :2], axis=0, return_counts=True)
+    if len(sizes) > 1 and cfg.per_position == "auto":
+        log.info("per-position statistics off: the good images have %d different sizes", len(sizes))
+        return None
+    h, w = (int(v) for v in sizes[int(np.argmax(counts))])
+    size = (max(cfg.patch.size, round(h * cfg.scale)), max(cfg.patch.size, round(w * cfg.scale)))
+    log.info("per-position statistics on: images worked on at %dx%d (%dx%d native x %g)", size[1], size[0], w, h,
+             cfg.scale)
+    return size
+
+
 def resolve_image_shape(cfg: DataConfig, data_root: str | os.PathLike | None) -> DataConfig:
-    """cfg with an "auto" image_size/channels replaced from the normal images' file headers."""
-    if not cfg.shape_is_auto:
+    """cfg with an "auto" image_size/channels (and a patch model's per-position working size) replaced
+    from the normal images' file headers."""
+    if not cfg.shape_is_auto and (cfg.patch is None or cfg.per_position == "off" or cfg.frame_size):
         return cfg
     shapes = native_shapes(cfg.normal, data_root, seed=cfg.split_seed)
     if len(shapes) == 0:
@@ -147,10 +172,12 @@ def resolve_image_shape(cfg: DataConfig, data_root: str | os.PathLike | None) ->
     channels = cfg.channels
     if channels == "auto":
         channels = 1 if bool((shapes[:, 2] == 1).all()) else 3
-    log.info("model input from the data: %dx%d, %s (%d images looked at; shortest side %d px%s)", size, size,
-             "gray" if channels == 1 else "colour", len(shapes), short,
-             "" if cfg.image_size != "auto" or short >= size else f", padded or resized up to {size}")
-    return cfg.model_copy(update={"image_size": size, "channels": channels})
+    if cfg.shape_is_auto:
+        log.info("model input from the data: %dx%d, %s (%d images looked at; shortest side %d px%s)", size, size,
+                 "gray" if channels == 1 else "colour", len(shapes), short,
+                 "" if cfg.image_size != "auto" or short >= size else f", padded or resized up to {size}")
+    return cfg.model_copy(update={"image_size": size, "channels": channels,
+                                  "frame_size": cfg.frame_size or _frame_size(cfg, shapes)})
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ def detection_metrics(r: np.ndarray, labels: np.ndarray, calibration: Calibratio
         "aupr_r": float(average_precision_score(labels, r)),
         "f1_a": float(f1_score(labels, predicted_a, zero_division=0)),
         "far_a": float(predicted_a[normal].mean()),
+        "recall_checkpoint": float(predicted_a[~normal].mean()),  # anomalies the checkpoint's own rule flags
         "n_normal": n_normal,
         "n_anomaly": n_anomaly,
         "calibration_id": calibration.calibration_id,

@@ -183,10 +183,40 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
 
+def plain_summary(metrics: Mapping[str, object], checkpoint: Path, policy: str) -> list[str]:
+    """What a QA engineer reads first: what the model learned from, how often it will cry wolf on good
+    parts, how many of the given defects it catches, and the next command to run."""
+    lines = []
+    n, wall = metrics.get("train_images"), metrics.get("train_wall_s")
+    if n is not None:
+        lines.append(f"Trained on {n} good images for {metrics.get('steps', '?')} steps"
+                     + (f" in {float(wall) / 60:.1f} minutes." if wall is not None else "."))
+    far, held = metrics.get("holdout_far_checkpoint"), metrics.get("holdout_n")
+    if far is not None and held:
+        lines.append(f"Expected false alarms at the default threshold: about {1000 * float(far):.0f} per 1,000 good "
+                     f"parts (measured on {held} good images the model never trained on; with so few, a rate "
+                     f"below {1000 / held:.0f} per 1,000 cannot be told apart from zero).")
+    caught = metrics.get("recall_checkpoint")
+    if caught is not None:
+        lines.append(f"Of the {metrics.get('n_anomaly')} defect images given, the default threshold catches "
+                     f"{100 * float(caught):.0f}% (ranking quality, AUROC: {float(metrics.get('auroc_r', 0)):.3f}; "
+                     "1.0 = every defect image above every good one, 0.5 = chance).")
+    else:
+        lines.append("No defect images were given, so how many defects it catches is unknown: add "
+                     "--anomaly folder:DEFECTS to `train`, or run `ama-stream evaluate --anomaly folder:DEFECTS`.")
+    lines.append(f"Next: set the alert threshold on good images it has not seen: ama-stream calibrate --checkpoint "
+                 f"{checkpoint} --source heldout --policy {policy} --target-fpr 0.001 --out "
+                 f"{checkpoint.parent / 'cal.json'}")
+    return lines
+
+
 def write_html(path: Path, title: str, metrics: Mapping[str, object], images: Sequence[str],
-               notes: Sequence[str] = ()) -> None:
-    """report.html: the metrics table and every image, referenced by relative file name."""
+               notes: Sequence[str] = (), summary: Sequence[str] = ()) -> None:
+    """report.html: a plain-language summary first (when given), then every figure, then the raw
+    numbers; figures are referenced by relative file name."""
     rows = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in metrics.items())
+    summary_html = ("<section id=\"summary\"><h2>Summary</h2>" + "".join(f"<p>{html.escape(line)}</p>" for line in summary)
+                    + "</section>") if summary else ""
     figs = "\n".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(name)}">'
                      f"<figcaption>{html.escape(name)}</figcaption></figure>" for name in images)
     note_items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
@@ -196,9 +226,11 @@ def write_html(path: Path, title: str, metrics: Mapping[str, object], images: Se
 th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:13px}}figure{{display:inline-block;margin:1em}}
 img{{max-width:100%}}</style></head>
 <body data-images-broken="unknown"><h1>{html.escape(title)}</h1>
+{summary_html}
 <ul>{note_items}</ul>
-<table>{rows}</table>
 {figs}
+<h2>All numbers</h2>
+<table>{rows}</table>
 <script>/* says on the page whether every plot loaded (checked by tests in headless Chromium) */
 window.addEventListener("load", function () {{
   var broken = Array.prototype.filter.call(document.images, function (im) {{ return !im.complete || im.naturalWidth === 0; }});
@@ -213,7 +245,7 @@ def write_report(out_dir: str | Path, scorer, *, title: str, metrics: Mapping[st
                  normal_images: np.ndarray, r_normal: np.ndarray, anomaly_images: np.ndarray | None = None,
                  r_anomaly: np.ndarray | None = None, a_normal: np.ndarray | None = None,
                  a_anomaly: np.ndarray | None = None, metrics_csv: Path | None = None,
-                 normal_label: str = "normal", notes: Sequence[str] = (),
+                 normal_label: str = "normal", notes: Sequence[str] = (), summary: Sequence[str] = (),
                  overlays: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] | None = None) -> Path:
     """Every plot that the data allows, and report.html; returns the report's path.
 
@@ -250,5 +282,5 @@ def write_report(out_dir: str | Path, scorer, *, title: str, metrics: Mapping[st
     images.append(plot_reconstructions(out / "reconstructions.png", grid_rows))
     if overlays:
         images.append(plot_overlays(out / "maps.png", overlays))
-    write_html(out / "report.html", title, metrics, images, notes)
+    write_html(out / "report.html", title, metrics, images, notes, summary)
     return out / "report.html"

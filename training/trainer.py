@@ -203,6 +203,7 @@ class Trainer:
                  self.device, len(self.train_images), batch, per_epoch, total, self.state.step)
         self._wrap_steps()
         t0, step0 = time.monotonic(), self.state.step
+        self._started = t0
         if step0 == 0 and self.out_dir and self.is_main:
             (self.out_dir / "metrics.csv").unlink(missing_ok=True)  # a fresh run into an old folder
         bar = progress(total=total, desc="training", unit="step") if self.is_main else _NoProgress()
@@ -348,6 +349,7 @@ class Trainer:
         return self._board or None
 
     def _checkpoint(self, mu: float, sigma: float, n: int, metrics: dict | None = None) -> Checkpoint:
+        # per-position statistics are fitted on the finished model (finish()); none before
         return Checkpoint(
             model=self.model_cfg,
             preprocess=self.cfg.data.preprocess_spec(),
@@ -368,14 +370,22 @@ class Trainer:
         return self.train_images[idx]
 
     def finish(self) -> Checkpoint:
-        """Fit mu/sigma of the training R-scores, evaluate on the test protocol, write outputs."""
+        """Fit mu/sigma of the training R-scores (a patch model for aligned parts: first the per-position
+        statistics, then mu/sigma of the image scores under them), evaluate on the test protocol, write
+        outputs."""
         scorer = self._scorer(mu=0.0, sigma=1.0)
         fit_images = self._fit_subset()
-        r_fit = scorer.r_scores(fit_images, desc="fitting mu/sigma on training images")
+        positions = None
+        if self.cfg.data.preprocess_spec().frame_size:
+            positions, r_fit = fit_position_stats(scorer, fit_images, self.cfg.data.top_k)
+        else:
+            r_fit = scorer.r_scores(fit_images, desc="fitting mu/sigma on training images")
         mu, sigma = fit_gaussian(r_fit)
         log.info("training R-scores: mu=%.6g sigma=%.6g (n=%d)", mu, sigma, len(fit_images))
         ckpt = self._checkpoint(mu, sigma, len(fit_images))
-        metrics: dict = {"epochs": self.state.epoch, "steps": self.state.step}
+        ckpt.position_stats = positions
+        metrics: dict = {"epochs": self.state.epoch, "steps": self.state.step, "train_images": len(self.train_images),
+                         "train_wall_s": round(time.monotonic() - getattr(self, "_started", time.monotonic()), 1)}
         if self.state.best_epoch >= 0:
             metrics["selected_epoch"] = self.state.best_epoch + 1
         if self._dist_record is not None:
@@ -406,7 +416,7 @@ class Trainer:
     def _write_report(self, scorer: Scorer, calibration: Calibration, metrics: dict, fit_images: np.ndarray,
                       r_fit: np.ndarray, r_test: np.ndarray) -> None:
         """OUT/report.html and its plots. The model is already saved: a failing plot costs only the report."""
-        from .report import write_report  # matplotlib only here
+        from .report import plain_summary, write_report  # matplotlib only here
 
         test = self.data.test
         if test is not None and test.n_normal:
@@ -418,10 +428,11 @@ class Trainer:
             anomaly_images, r_anomaly = None, None
         a = lambda values: -calibration.decide(values).log_a if values is not None else None  # noqa: E731
         try:
+            summary = plain_summary(metrics, self.out_dir / "model.pt", self.cfg.policy)
             path = write_report(self.out_dir, scorer, title=f"ama-stream train: model {scorer.model_id}",
                                 metrics=metrics, normal_images=images, r_normal=r, anomaly_images=anomaly_images,
                                 r_anomaly=r_anomaly, a_normal=a(r), a_anomaly=a(r_anomaly),
-                                metrics_csv=self.out_dir / "metrics.csv", normal_label=label)
+                                metrics_csv=self.out_dir / "metrics.csv", normal_label=label, summary=summary)
             log.info("wrote the report %s", path)
         except Exception as exc:  # noqa: BLE001 -- any plotting failure; the checkpoint is safe
             log.error("could not write the report in %s: %s: %s", self.out_dir, type(exc).__name__, exc)
@@ -497,6 +508,31 @@ class Trainer:
         if self.dist and self.is_main and self.world_size > 1 and saved.get("world_size") != self.world_size:
             log.info("the resumed file is from a run with %s processes: the noise streams of ranks 1-%d start afresh",
                      saved.get("world_size", 1), self.world_size - 1)
+
+
+def fit_position_stats(scorer: Scorer, images, top_k: int, batch: int = 16) -> tuple[dict, np.ndarray]:
+    """Per-position statistics of good images of one working size (the checkpoint's position_stats):
+    mean and std of each patch position's R and of each pixel of the stitched maps; and the images'
+    scores under them (the z-scores' top-k mean), for mu/sigma. Stds have a floor of 1e-3 of their
+    median, so a position where every good image looks alike cannot make any change a huge z."""
+    rs, maps = [], []
+    with progress(total=len(images), desc="fitting per-position statistics", unit="img") as bar:
+        for i in range(0, len(images), batch):
+            r, m = scorer.raw_position_outputs(scorer.tile(images[i:i + batch]))
+            rs.append(r)
+            maps.append(m)
+            bar.update(len(r))
+    r, maps = np.concatenate(rs), np.concatenate(maps)
+
+    def floored(std: np.ndarray) -> np.ndarray:
+        return np.maximum(std, 1e-3 * max(float(np.median(std)), 1e-12))
+
+    stats = {"patch_mean": r.mean(0), "patch_std": floored(r.std(0)), "map_mean": maps.mean(0),
+             "map_std": floored(maps.std(0))}
+    z = ((r - stats["patch_mean"]) / stats["patch_std"]).reshape(len(r), -1)
+    k = min(top_k, z.shape[1])
+    scores = np.sort(z, axis=1)[:, -k:].mean(axis=1)
+    return {key: torch.from_numpy(v.astype(np.float32)) for key, v in stats.items()}, scores
 
 
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: str | Path | None = None,
