@@ -59,15 +59,17 @@ def test_map_files_are_named_by_stem_sized_like_their_images_on_one_scale(tmp_pa
     ids = ["/data/good/a_001.jpg", "/data/defect/b.png", "cells.npz#17"]
     lo, hi = pixelmaps.value_range(maps)
     names = pixelmaps.write_maps(tmp_path, ids, maps, lo, hi)
-    assert names == ["a_001.png", "b.png", "cells.png"]
+    assert names == ["good/a_001.png", "defect/b.png", "./cells_17.png"]
     read = [np.asarray(Image.open(tmp_path / n)) for n in names]
     assert [r.shape for r in read] == [(7, 9), (12, 5), (4, 5)] and all(r.dtype == np.uint8 for r in read)
     assert read[0].max() == 0 and read[1].min() == 128 and read[2].max() == 255  # 3 of 0..6 -> 128: one scale
 
 
-def test_two_images_with_one_stem_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="file stem"):
-        pixelmaps.write_maps(tmp_path, ["x/a.jpg", "y/a.png"], [np.zeros((2, 2))] * 2, 0.0, 1.0)
+def test_two_images_with_one_name_are_refused_one_stem_in_two_folders_is_not(tmp_path):
+    assert pixelmaps.write_maps(tmp_path, ["x/a.jpg", "y/a.png"], [np.zeros((2, 2))] * 2, 0.0, 1.0) == \
+        ["x/a.png", "y/a.png"]
+    with pytest.raises(ValueError, match="would both write the map x/a.png"):
+        pixelmaps.write_maps(tmp_path, ["x/a.jpg", "x/a.png"], [np.zeros((2, 2))] * 2, 0.0, 1.0)
 
 
 def test_masks_by_stem_missing_means_defect_free_and_a_wrong_size_is_an_error(tmp_path):

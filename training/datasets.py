@@ -77,7 +77,9 @@ class DataConfig(Section):
     # a patch model instead of whole images fitted to image_size: images keep their aspect, scaled by
     # `scale` (1 = native pixels), and are tiled with patches (image_size is then patch.size)
     patch: PatchSection | None = None
-    scale: float = Field(1.0, gt=0, le=4)  # patch model: working scale of the images
+    # patch model: working scale of the images (1 = native pixels); auto: the good images' median short
+    # side brought to AUTO_WORKING_SIDE pixels (never enlarged), resolved from the file headers
+    scale: float | Literal["auto"] = 1.0
     top_k: int = Field(1, ge=1)  # patch model: an image's score is the mean of its k highest patch scores
     # patch model: score each patch against the good images' scores at the same place (aligned parts, one
     # camera set-up): auto = when every good image has the same size; on = always (other sizes are resized
@@ -111,6 +113,8 @@ class DataConfig(Section):
                                  "data.normal; remove data.anomaly")
         if self.val_anomalies and self.val_fraction == 0:
             raise ValueError("val_anomalies needs normal validation images too: set val_fraction > 0")
+        if self.scale != "auto" and not 0 < self.scale <= 4:
+            raise ValueError(f"scale must be in (0, 4] or auto, got {self.scale}")
         if self.patch is not None:
             if self.image_size not in ("auto", self.patch.size):
                 raise ValueError(f"a patch model's input is its patch: image_size {self.image_size} differs from "
@@ -125,7 +129,7 @@ class DataConfig(Section):
 
     @property
     def shape_is_auto(self) -> bool:
-        return self.image_size == "auto" or self.channels == "auto"
+        return self.image_size == "auto" or self.channels == "auto" or self.scale == "auto"
 
     def preprocess_spec(self) -> PreprocessSpec:
         if self.shape_is_auto:
@@ -138,6 +142,7 @@ class DataConfig(Section):
 
 
 AUTO_SIZES = (32, 64, 128)
+AUTO_WORKING_SIDE = 128  # data.scale auto: a patch model works on images whose short side is about this
 
 
 def _frame_size(cfg: DataConfig, shapes: np.ndarray) -> tuple[int, int] | None:
@@ -150,7 +155,8 @@ def _frame_size(cfg: DataConfig, shapes: np.ndarray) -> tuple[int, int] | None:
         log.info("per-position statistics off: the good images have %d different sizes", len(sizes))
         return None
     h, w = (int(v) for v in sizes[int(np.argmax(counts))])
-    size = (max(cfg.patch.size, round(h * cfg.scale)), max(cfg.patch.size, round(w * cfg.scale)))
+    scale = float(cfg.scale)
+    size = (max(cfg.patch.size, round(h * scale)), max(cfg.patch.size, round(w * scale)))
     log.info("per-position statistics on: images worked on at %dx%d (%dx%d native x %g)", size[1], size[0], w, h,
              cfg.scale)
     return size
@@ -162,6 +168,12 @@ def resolve_image_shape(cfg: DataConfig, data_root: str | os.PathLike | None) ->
     if not cfg.shape_is_auto and (cfg.patch is None or cfg.per_position == "off" or cfg.frame_size):
         return cfg
     shapes = native_shapes(cfg.normal, data_root, seed=cfg.split_seed)
+    if cfg.scale == "auto" and len(shapes):
+        short_side = float(np.median(shapes[:, :2].min(axis=1)))
+        scale = round(min(1.0, AUTO_WORKING_SIDE / short_side), 4)
+        log.info("working scale from the data: %g (median short side %.0f px -> %.0f px)", scale, short_side,
+                 short_side * scale)
+        cfg = cfg.model_copy(update={"scale": scale})
     if len(shapes) == 0:
         raise DataError(f"{cfg.normal}: no readable image to choose the model size from")
     short = int(shapes[:, :2].min())

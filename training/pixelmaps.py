@@ -47,8 +47,12 @@ def inspect_set(scorer, images, shapes, batch_size: int = 16, desc: str | None =
 
 
 def map_name(image_id: str) -> str:
-    """The PNG a map is written to: the image's file stem (`path/to/part_017.jpg` -> `part_017.png`)."""
-    return Path(image_id.split("#", 1)[0]).stem + ".png"
+    """The PNG a map is written to: the image's folder name and file stem (`data/defects/part_017.jpg`
+    -> `defects/part_017.png`, so a good and a defective image of one name do not clash; an item of a
+    file of many images, `FILE#INDEX`, -> `FOLDER/STEM_INDEX.png`)."""
+    path, _, index = image_id.partition("#")
+    p = Path(path)
+    return f"{p.parent.name or '.'}/{p.stem}{'_' + index if index else ''}.png"
 
 
 def value_range(maps) -> tuple[float, float]:
@@ -63,20 +67,20 @@ def to_uint8(anomaly_map: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def write_maps(out_dir: str | Path, ids, maps, lo: float, hi: float) -> list[str]:
-    """8-bit PNGs named by each image's file stem, the image's own size; returns the file names.
-    Two images with the same stem would overwrite each other: refused."""
+    """8-bit PNGs named by each image's folder and file stem (map_name), the image's own size; returns
+    the file names. Two images with the same name (a.jpg and a.png in one folder) are refused."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [map_name(i) for i in ids]
     seen: dict[str, str] = {}
     for image_id, name in zip(ids, names):
         if name in seen:
-            raise ValueError(f"two test images have the file stem of {name}: {seen[name]} and {image_id}; "
-                             "their maps would overwrite each other")
+            raise ValueError(f"two test images would both write the map {name}: {seen[name]} and {image_id}")
         seen[name] = image_id
     for name, anomaly_map in zip(names, maps):
         buf = io.BytesIO()
         Image.fromarray(to_uint8(anomaly_map, lo, hi), mode="L").save(buf, format="PNG")
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / name, buf.getvalue())
     return names
 

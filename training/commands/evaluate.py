@@ -52,9 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--plots", metavar="DIR", help="write the report there: R-score densities (the paper's Fig. 4), "
                                                   "ROC and PR curves, reconstructions and report.html")
-    p.add_argument("--maps", metavar="DIR", help="write each test image's anomaly map there: an 8-bit PNG named by "
-                                                 "the image's file stem, the image's size, one scale for the run "
-                                                 "(0 = least, 255 = most anomalous)")
+    p.add_argument("--maps", metavar="DIR", help="write each test image's anomaly map there: an 8-bit PNG "
+                                                 "DIR/FOLDER/STEM.png (the image's folder name and file stem), the "
+                                                 "image's size, one scale for the run (0 = least, 255 = most anomalous)")
     p.add_argument("--masks", metavar="SOURCE", help="defect masks, folder:DIR of PNGs named by the images' file "
                                                      "stems (nonzero = defect; no file = defect-free): adds pixel "
                                                      "AUROC and AUPRO to the JSON")
