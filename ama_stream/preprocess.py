@@ -222,6 +222,9 @@ class FitTally:
         target = f"{self.spec.image_size}x{self.spec.image_size}x{self.spec.channels}"
         if self.spec.patched:
             target = f"patches of {target} at scale {self.spec.scale:g}"
+        if set(self.counts) == {"padded"}:  # e.g. 28x28 digits into 32x32: intended, not a problem
+            return (f"{self.counts['padded']} of {self.total} {what} padded to the model's {target} "
+                    f"(e.g. {', '.join(self.examples['padded'])} as WxHxC)")
         parts = [f"{self.counts[r]} {r} (e.g. {', '.join(self.examples[r])} as WxHxC)" for r in sorted(self.counts)]
         return f"{self.mismatched} of {self.total} {what} do not match the model's {target}: " + "; ".join(parts)
 

@@ -293,7 +293,8 @@ class Trainer:
         self._record(epoch, logs, time.monotonic() - t0)
         rate = (self.state.step - step0) / max(time.monotonic() - t0, 1e-9)
         eta = (total - self.state.step) / max(rate, 1e-9)
-        log.info("epoch %d/%d step %d/%d %s | %.2f step/s, eta %.0fs", epoch + 1, self.cfg.train.epochs,
+        epochs = min(self.cfg.train.epochs, math.ceil(total / max(self.steps_per_epoch(), 1)))  # max_steps may end it early
+        log.info("epoch %d/%d step %d/%d %s | %.2f step/s, eta %.0fs", epoch + 1, epochs,
                  self.state.step, total, " ".join(f"{k}={v:.4g}" for k, v in logs.items()), rate, eta)
 
     def _select_model(self, epoch: int) -> None:

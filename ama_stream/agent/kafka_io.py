@@ -95,7 +95,7 @@ def connect_with_retry(
             delay = backoff.next()
             reason = describe(exc)
             waited = time.monotonic() - started
-            if retry.give_up_after_s is not None and waited + delay > retry.give_up_after_s:
+            if retry.give_up_after_s is not None and waited + delay >= retry.give_up_after_s:
                 raise BrokerUnreachable(f"{what}: broker {kafka.bootstrap_servers} not reachable for {waited:.0f} s "
                                         f"({attempt} attempts, last: {reason}); giving up (--give-up-after-s "
                                         f"{retry.give_up_after_s:g})") from None
@@ -131,7 +131,7 @@ def consumer_config(settings: AgentSettings) -> dict[str, Any]:
         # frames of aborted transactions are skipped, and the committed offsets are read only once
         # no transaction that commits offsets of the group is pending (KIP-447 require_stable)
         cfg["isolation_level"] = "read_committed"
-    cfg.setdefault("bootstrap_timeout_ms", int(settings.retry.connect_timeout_s * 1000))
+    cfg.setdefault("bootstrap_timeout_ms", int(settings.retry.attempt_timeout_s * 1000))
     return cfg
 
 

@@ -187,7 +187,8 @@ class HealthServer:
         try:
             self._server = ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:  # the message must say which address, or the operator cannot fix it
-            raise OSError(exc.errno, f"metrics/health server cannot bind {host}:{port}: {exc.strerror}") from None
+            raise OSError(exc.errno, f"metrics/health server cannot bind {host}:{port}: {exc.strerror} (choose another "
+                                     "with --metrics-port P, or 0 for any free port; metrics.port in the config)") from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="ama-health", daemon=True)
 

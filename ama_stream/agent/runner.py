@@ -385,7 +385,7 @@ class Agent:
 
     def _connect_producer(self) -> KafkaProducer | None:
         s = self.settings
-        return connect_with_retry(lambda: make_producer(s.kafka, s.producer, s.retry.connect_timeout_s,
+        return connect_with_retry(lambda: make_producer(s.kafka, s.producer, s.retry.attempt_timeout_s,
                                                         transactional_id=s.transactional_id), "producer",
                                   s.kafka, s.retry, self._stop,
                                   lambda reason: self.readiness.broker_error("connect", reason))

@@ -173,6 +173,11 @@ class RetrySection(Section):
     # start-up: exit non-zero when the broker stays unreachable this long; null = keep retrying
     give_up_after_s: float | None = Field(None, gt=0)
 
+    @property
+    def attempt_timeout_s(self) -> float:
+        """One connection attempt's limit: connect_timeout_s, but never past give_up_after_s."""
+        return min(self.connect_timeout_s, self.give_up_after_s or self.connect_timeout_s)
+
 
 class DriftSection(Section):
     """When a camera's live scores count as drifted from the calibration (ama_stream.drift)."""

@@ -126,3 +126,29 @@ def test_serve_gives_up_on_an_unreachable_broker_when_told_to(random_checkpoint)
     attempts = int(lines[-1].split("(")[1].split(" attempt")[0])
     kafka_lines = [line for line in lines if " kafka." in line]
     assert 1 <= len(kafka_lines) <= attempts, lines
+
+
+def test_give_up_after_s_is_honoured_even_when_one_attempt_would_take_longer(random_checkpoint):
+    """--give-up-after-s 3 with the default 10 s connection attempt: before, the first attempt alone
+    ran 10 s; now an attempt never outlasts the patience. A taken metrics port names the flag to change."""
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    from ama_stream.agent.broker import free_port
+
+    proc = subprocess.run([sys.executable, "-m", "ama_stream.cli", "serve", "--bootstrap", f"127.0.0.1:{free_port()}",
+                           "--checkpoint", str(random_checkpoint), "--give-up-after-s", "3", "--device", "cpu",
+                           "--metrics-port", "0"], capture_output=True, text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "giving up (--give-up-after-s 3)" in last
+    assert int(re.search(r"not reachable for (\d+) s", last).group(1)) <= 4, last
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run([sys.executable, "-m", "ama_stream.cli", "serve", "--bootstrap", f"127.0.0.1:{free_port()}",
+                               "--checkpoint", str(random_checkpoint), "--device", "cpu",
+                               "--metrics-port", str(taken.getsockname()[1])], capture_output=True, text=True,
+                              timeout=120)
+    assert proc.returncode != 0 and "--metrics-port" in proc.stderr.strip().splitlines()[-1]

@@ -145,8 +145,7 @@ def demo_model(args: argparse.Namespace, cache: Path, data: DemoData):
     from training.trainer import train
 
     overrides = train_overrides(data, args.steps, "cpu" if args.device == "auto" else args.device, args.seed)
-    key = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache / f"model-{key}.pt"
+    path = demo_model_path(args, cache, data)  # where training writes it, beside its report.html
     if path.is_file() and not args.retrain:
         try:
             ckpt = load_checkpoint(path)
@@ -158,12 +157,16 @@ def demo_model(args: argparse.Namespace, cache: Path, data: DemoData):
     print(f"training a small AMA on {data.kind} for {args.steps} steps (cached afterwards in {cache})...",
           file=sys.stderr)
     t0 = time.monotonic()
-    ckpt = train(cfg, out_dir=cache / f"run-{key}")
-    (cache / f"run-{key}" / "model.pt").replace(path)
+    ckpt = train(cfg, out_dir=path.parent)
     auroc = ckpt.metrics.get("auroc_a")
     print(f"trained in {time.monotonic() - t0:.0f} s" + (f"; held-out AUROC (A-score) {auroc:.3f}" if auroc else ""),
           file=sys.stderr)
     return ckpt
+
+
+def demo_model_path(args: argparse.Namespace, cache: Path, data: DemoData) -> Path:
+    overrides = train_overrides(data, args.steps, "cpu" if args.device == "auto" else args.device, args.seed)
+    return cache / f"run-{hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:12]}" / "model.pt"
 
 
 def demo_calibration(ckpt, data: DemoData, cache: Path, device: str, seed: int) -> Path:
@@ -329,10 +332,11 @@ def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path, calibrat
         return summary
 
 
-def print_summary(summary: dict, data: DemoData, ckpt, calibration: Path) -> None:
+def print_summary(summary: dict, data: DemoData, ckpt, calibration: Path, model_path: Path) -> None:
     print("\nama-stream demo summary")
     print(f"  data               {data.kind}")
-    print(f"  model              {ckpt.model_id}")
+    print(f"  model              {ckpt.model_id}: {model_path}")
+    print(f"  training report    {model_path.parent / 'report.html'}")
     print(f"  calibration        {calibration} (two-sided, target false-alarm rate {CALIBRATION_FPR:g})")
     print(f"  frames scored      {summary['frames_scored']} of {summary['frames_sent']} sent "
           f"({summary['dead_lettered']} dead-lettered, {summary['duplicates']} duplicates)")
@@ -362,5 +366,5 @@ def run(args: argparse.Namespace) -> int:
     ckpt = demo_model(args, cache, data)
     calibration = demo_calibration(ckpt, data, cache, args.device, args.seed)
     summary = stream(args, ckpt, data, cache, calibration)
-    print_summary(summary, data, ckpt, calibration)
+    print_summary(summary, data, ckpt, calibration, demo_model_path(args, cache, data))
     return 0 if summary["frames_scored"] == summary["frames_sent"] else 1
