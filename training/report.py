@@ -172,6 +172,24 @@ def plot_overlays(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray, 
     return _save(fig, path)
 
 
+def top_overlays(scorer, groups, masks: dict | None = None, count: int = 4) -> list:
+    """The rows plot_overlays draws: per group (label, fitted images, native shapes [N, >=2], scores,
+    ids), its `count` highest-scored images with their anomaly maps (one more forward over those) and,
+    given a mask index (training.pixelmaps.mask_index), their defect masks."""
+    from .pixelmaps import map_name, read_mask
+
+    rows = []
+    for label, images, shapes, scores, ids in groups:
+        if images is None or len(scores) == 0 or shapes is None:
+            continue
+        top = np.argsort(-np.nan_to_num(np.asarray(scores, float), nan=-np.inf))[:count]
+        for i, item in zip(top, scorer.inspect_tiles(scorer.tile(images[top], shapes[top]))):
+            name = map_name(ids[i])[:-4] if ids else str(i)
+            mask = read_mask(masks, ids[i], tuple(int(v) for v in shapes[i][:2])) if masks is not None and ids else None
+            rows.append((f"{label} {name}: score {scores[i]:.4g}", images[i], item.map, mask))
+    return rows
+
+
 def extreme_indices(r: np.ndarray, count: int = GRID_IMAGES) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the `count` lowest and highest finite R-scores."""
     finite = np.flatnonzero(np.isfinite(r))

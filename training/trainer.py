@@ -417,7 +417,7 @@ class Trainer:
     def _write_report(self, scorer: Scorer, calibration: Calibration, metrics: dict, fit_images: np.ndarray,
                       r_fit: np.ndarray, r_test: np.ndarray) -> None:
         """OUT/report.html and its plots. The model is already saved: a failing plot costs only the report."""
-        from .report import plain_summary, write_report  # matplotlib only here
+        from .report import plain_summary, top_overlays, write_report  # matplotlib only here
 
         test = self.data.test
         if test is not None and test.n_normal:
@@ -430,10 +430,17 @@ class Trainer:
         a = lambda values: -calibration.decide(values).log_a if values is not None else None  # noqa: E731
         try:
             summary = plain_summary(metrics, self.out_dir / "model.pt", self.cfg.policy)
+            overlays = None
+            if test is not None and test.n_normal and test.shapes is not None:
+                ids = list(test.ids) if test.ids else None
+                overlays = top_overlays(scorer, [(label, test.images[m], test.shapes[m], r_test[m],
+                                                  [ids[i] for i in np.flatnonzero(m)] if ids else None)
+                                                 for label, m in (("good", normal), ("defect", anomaly))])
             path = write_report(self.out_dir, scorer, title=f"ama-stream train: model {scorer.model_id}",
                                 metrics=metrics, normal_images=images, r_normal=r, anomaly_images=anomaly_images,
                                 r_anomaly=r_anomaly, a_normal=a(r), a_anomaly=a(r_anomaly),
-                                metrics_csv=self.out_dir / "metrics.csv", normal_label=label, summary=summary)
+                                metrics_csv=self.out_dir / "metrics.csv", normal_label=label, summary=summary,
+                                overlays=overlays)
             log.info("wrote the report %s", path)
         except Exception as exc:  # noqa: BLE001 -- any plotting failure; the checkpoint is safe
             log.error("could not write the report in %s: %s: %s", self.out_dir, type(exc).__name__, exc)

@@ -83,13 +83,19 @@ def _check_inputs(ckpt, test, own_normals: bool) -> None:
                         "trained-on image is scored, but the numbers differ from the training report's",
                         now["holdout_normal_count"], ckpt.metrics.get("holdout_normal_count", 0))
 
-def _mask_folder(text: str | None) -> dict | None:
+def _group(label: str, test, r, which):
+    """(label, images, native shapes, scores, ids) of one side of the test set, for the map overlays."""
+    shapes = test.shapes[which] if test.shapes is not None else None
+    return label, test.images[which], shapes, r[which], [i for i, keep in zip(test.ids, which) if keep]
+
+
+def _mask_folder(text: str | None, data_root) -> dict | None:
     if text is None:
         return None
     spec = parse_source(text)
     if spec.format != "folder":
         raise SettingsError(f"--masks takes folder:DIR (mask PNGs named by the images' file stems), got {text!r}")
-    return pixelmaps.mask_index(resolve_root(spec, resolve_data_root(None)))
+    return pixelmaps.mask_index(resolve_root(spec, data_root))
 
 
 def _write_maps_and_pixel_metrics(maps_dir: str | None, masks: dict | None, test, maps) -> dict:
@@ -109,20 +115,6 @@ def _write_maps_and_pixel_metrics(maps_dir: str | None, masks: dict | None, test
             log.warning("no pixel metrics: the masks mark no defect pixel in these test images (or every pixel)")
         out.update(pixel)
     return out
-
-
-def _overlays(test, r, maps, masks):
-    """(title, image, map, mask) for the highest-scored good and defective test images (report figures)."""
-    if maps is None:
-        return None
-    rows = []
-    for label, which in (("good", test.labels == 0), ("defect", test.labels == 1)):
-        idx = np.flatnonzero(which)
-        for i in idx[np.argsort(-r[idx])][:4]:
-            mask = pixelmaps.read_mask(masks, test.ids[i], tuple(int(v) for v in test.shapes[i][:2])) if masks else None
-            rows.append((f"{label} {pixelmaps.map_name(test.ids[i])[:-4]}: score {r[i]:.4g}", test.images[i], maps[i],
-                         mask))
-    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,9 +138,9 @@ def run(args: argparse.Namespace) -> int:
     test = build_test_set(data, data_root, seed, normal=normal, anomaly=anomaly)
     _check_inputs(ckpt, test, normal is None)
     scorer = Scorer(ckpt, device=args.device, runtime=args.runtime, runtime_model=args.runtime_model)
-    masks = _mask_folder(args.masks)
+    masks = _mask_folder(args.masks, data_root)
     maps = None
-    if args.maps or masks is not None or args.plots:  # the maps come from the same forward as the scores
+    if args.maps or masks is not None:  # the maps come from the same forward as the scores
         if test.shapes is None:
             raise SettingsError("anomaly maps need the test images' native sizes, which this source does not record")
         r, maps, _regions = pixelmaps.inspect_set(scorer, test.images, test.shapes)
@@ -170,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if maps is not None and (args.maps or masks is not None):
         result.update(_write_maps_and_pixel_metrics(args.maps, masks, test, maps))
     if args.plots:
-        from ..report import write_report  # matplotlib only when asked
+        from ..report import top_overlays, write_report  # matplotlib only when asked
 
         normal, anomaly = test.labels == 0, test.labels == 1
         a = -calibration.decide(r).log_a
@@ -178,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
                               normal_images=test.images[normal], r_normal=r[normal],
                               anomaly_images=test.images[anomaly], r_anomaly=r[anomaly],
                               a_normal=a[normal], a_anomaly=a[anomaly],
-                              overlays=_overlays(test, r, maps, masks))
+                              overlays=top_overlays(scorer, [_group("good", test, r, normal),
+                                                             _group("defect", test, r, anomaly)], masks))
         result["report"] = str(report)
     line = json.dumps(result, sort_keys=True)
     if args.out:
