@@ -143,7 +143,7 @@ class DriftMonitor:
     def __init__(self, calibration: Calibration, band: DriftBand = DriftBand(), max_cameras: int = 1000):
         self.band = band
         self.max_cameras = max_cameras
-        self.untracked: set[str | None] = set()
+        self.untracked = 0  # frames of cameras past max_cameras (counted, never remembered: ids are outsider input)
         self.reset(calibration)
 
     def reset(self, calibration: Calibration) -> None:
@@ -151,7 +151,7 @@ class DriftMonitor:
         self.calibration_id = calibration.calibration_id
         self._calibration = calibration
         self.cameras: dict[str | None, CameraDrift] = {}
-        self.untracked = set()
+        self.untracked = 0
 
     def observe(self, camera_ids: Sequence[str | None], z: np.ndarray, anomaly: np.ndarray) -> list[CameraDrift]:
         """Adds a batch; returns the cameras whose drift state changed."""
@@ -164,7 +164,7 @@ class DriftMonitor:
             state = self.cameras.get(camera)
             if state is None:
                 if len(self.cameras) >= self.max_cameras:
-                    self.untracked.add(camera)
+                    self.untracked += len(idx)
                     continue
                 state = self.cameras[camera] = CameraDrift(camera, Expectation.of(self._calibration.rule(camera)), self.band)
             if state.update(z[idx], anomaly[idx]):

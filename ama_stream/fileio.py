@@ -31,10 +31,15 @@ def read_file_bytes(path: Path, what: str, error: type[Exception], max_bytes: in
             raise error(f"{path}: is not a regular file ({_file_kind(st.st_mode)}), expected a {what} file")
         if max_bytes is not None and st.st_size > max_bytes:
             raise error(f"{path}: {st.st_size} bytes is larger than a {what} file can be ({max_bytes})")
-        limit = max_bytes + 1 if max_bytes is not None else -1
+        # never more than the file says it holds (+1 to notice a lie): /proc and /sys files report
+        # size 0 and then yield gigabytes (/proc/self/pagemap); one byte of such a file is enough to refuse it
+        limit = st.st_size + 1 if max_bytes is None else min(st.st_size, max_bytes) + 1
         with os.fdopen(fd, "rb", closefd=True) as f:
             fd = -1
             data = f.read(limit)
+        if len(data) > st.st_size:
+            raise error(f"{path}: holds more than the {st.st_size} bytes its size says (a /proc or /sys file, or "
+                        f"one being written); expected a {what} file")
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
     finally:

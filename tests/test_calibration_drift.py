@@ -95,7 +95,21 @@ def test_camera_count_is_bounded():
     cal = calibration()
     monitor = DriftMonitor(cal, max_cameras=3)
     monitor.observe([f"cam-{i}" for i in range(5)], np.zeros(5), np.zeros(5, bool))
-    assert set(monitor.cameras) == {"cam-0", "cam-1", "cam-2"} and monitor.untracked == {"cam-3", "cam-4"}
+    assert set(monitor.cameras) == {"cam-0", "cam-1", "cam-2"} and monitor.untracked == 2
+
+
+def test_fifty_thousand_long_camera_ids_leave_no_trace_past_the_bound():
+    """Camera ids are outsider input: 50,000 distinct 4 KB ids must not be remembered (before: a set of
+    them grew by 400 MiB for good)."""
+    import sys
+
+    monitor = DriftMonitor(calibration(), max_cameras=10)
+    for batch in range(50):
+        ids = [f"{batch:03d}-{i:04d}-" + "x" * 4096 for i in range(1000)]
+        monitor.observe(ids, np.zeros(1000), np.zeros(1000, bool))
+    assert len(monitor.cameras) == 10 and monitor.untracked == 50_000 - 10
+    held = sum(sys.getsizeof(k) for k in monitor.cameras) + sys.getsizeof(monitor.__dict__)
+    assert held < 10 * 5000 + 10_000  # the ten tracked ids, nothing of the other 49,990
 
 
 def test_bad_bands_are_refused():

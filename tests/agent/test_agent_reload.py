@@ -372,6 +372,20 @@ def test_read_file_bytes_refuses_what_is_not_a_regular_file_or_too_large(tmp_pat
     assert read_file_bytes(tmp_path / "ok", "thing", Refused, max_bytes=100) == b"x" * 100
 
 
+def test_a_proc_file_that_reports_size_zero_is_refused_after_one_byte():
+    """/proc/self/pagemap reports 0 bytes and yields gigabytes: before, a model message naming it read
+    2 GiB before the size limit refused it. Now the read stops one byte past what the size said."""
+    import resource
+
+    class Refused(Exception):
+        pass
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(Refused, match="holds more than the 0 bytes its size says"):
+        read_file_bytes(Path("/proc/self/pagemap"), "checkpoint", Refused, max_bytes=2 * 2**30)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: nothing like 2 GiB
+
+
 def test_closing_the_switch_does_not_wait_for_a_stuck_load(switches):
     stuck = threading.Event()
 
