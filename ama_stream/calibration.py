@@ -212,6 +212,11 @@ class Rule:
 # --------------------------------------------------------------------------- the calibration
 
 
+# a calibration must place the model's held-out good images within these bounds (implausible_for)
+PLAUSIBLE_SHIFT_Z = 10.0
+PLAUSIBLE_SPREAD = 20.0
+
+
 class Calibration:
     """A decision rule for one model: a policy, a global entry and optional per-camera entries."""
 
@@ -256,6 +261,26 @@ class Calibration:
     @property
     def sigma(self) -> float:
         return self.global_entry.sigma
+
+    def implausible_for(self, metrics: Mapping[str, Any]) -> str | None:
+        """Why this calibration cannot belong to a model whose held-out good images scored as `metrics`
+        records (holdout_r_mean / holdout_r_std, written by training), or None. An entry whose mu puts
+        those images more than PLAUSIBLE_SHIFT_Z of its sigmas away, or whose sigma is more than
+        PLAUSIBLE_SPREAD times off their spread, would move the false-alarm rate on them by orders of
+        magnitude (mu = 1e150 silences every alert): such a calibration is refused. Models without
+        those records are not checked."""
+        mean, std = metrics.get("holdout_r_mean"), metrics.get("holdout_r_std")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (mean, std)) or std <= 0:
+            return None
+        for name, entry in (("global", self.global_entry), *((f"camera {c!r}", e) for c, e in self.cameras.items())):
+            shift = abs(mean - entry.mu) / entry.sigma
+            spread = std / entry.sigma
+            if not shift <= PLAUSIBLE_SHIFT_Z or not 1 / PLAUSIBLE_SPREAD <= spread <= PLAUSIBLE_SPREAD:
+                return (f"its {name} entry (mu {entry.mu:.6g}, sigma {entry.sigma:.6g}) puts the model's held-out good "
+                        f"images (mean {mean:.6g}, std {std:.6g}) at z = {(mean - entry.mu) / entry.sigma:.3g} with "
+                        f"spread x{spread:.3g}: not a calibration of this model's scores (limits: |z| <= "
+                        f"{PLAUSIBLE_SHIFT_Z}, spread within x{1 / PLAUSIBLE_SPREAD:g}-x{PLAUSIBLE_SPREAD})")
+        return None
 
     def rule(self, camera_id: str | None = None) -> Rule:
         """The rule applied to a camera's frames: its own entry, else the global one."""

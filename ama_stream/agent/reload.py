@@ -193,9 +193,10 @@ class ModelFiles:
 # --------------------------------------------------------------------------- the control topic
 
 
-def model_message(value: bytes, origin: str) -> ModelRequest | None:
-    """The ModelRequest of a model message, one refused with the reason if the message is
-    malformed, or None when `value` is not a model message (then it is a calibration document)."""
+def model_message(value: bytes, origin: str, allowed_dirs: list[Path] | None = None) -> ModelRequest | None:
+    """The ModelRequest of a model message, one refused with the reason if the message is malformed
+    or names a file outside `allowed_dirs` (None: any), or None when `value` is not a model message
+    (then it is a calibration document). The refusal does not say whether such a file exists."""
     if len(value) > MAX_MODEL_MESSAGE_BYTES:
         return None
     try:
@@ -222,8 +223,17 @@ def model_message(value: bytes, origin: str) -> ModelRequest | None:
             continue
         if not isinstance(value_, str) or not value_ or "\0" in value_ or not os.path.isabs(value_):
             return refused(f"needs `{key}` as an absolute path on the agent's host, got {value_!r}")
+        if allowed_dirs is not None and not _inside(value_, allowed_dirs):
+            return refused(f"names `{key}` {value_!r} outside the folders model messages may use "
+                           f"({', '.join(map(str, allowed_dirs)) or 'none'}; setting model_dirs)")
         paths[key] = Path(value_)
     return ModelRequest("topic", origin, paths["checkpoint"], paths["calibration"])
+
+
+def _inside(path: str, folders: list[Path]) -> bool:
+    """The path, every symbolic link resolved (a link cannot lead out), lies inside one of `folders`."""
+    resolved = Path(os.path.realpath(path))
+    return any(resolved.is_relative_to(folder) for folder in folders)
 
 
 class ControlTopic:
@@ -234,6 +244,7 @@ class ControlTopic:
         """`on_fetch_error(reason, located)`: a poll failed on what it fetched (fetch_guard.FetchGuard)."""
         self.topic = settings.topics.calibration
         self.check_every_s = settings.calibration_check_s
+        self.allowed_dirs = settings.allowed_model_dirs()
         config = {**settings.consumer, **settings.kafka.client_config()}
         for group_only in ("session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms", "auto_offset_reset"):
             config.pop(group_only, None)
@@ -286,7 +297,7 @@ class ControlTopic:
                 log.debug("skipping control message %s: keyed for model %s", origin, key)
                 continue
             value = record.value or b""
-            request = model_message(value, origin)
+            request = model_message(value, origin, self.allowed_dirs)
             if request is not None:
                 updates.append(request)
                 continue
@@ -334,6 +345,9 @@ class ModelLoader:
             checkpoint = load_checkpoint(request.checkpoint)
             calibration = (load_calibration(request.calibration, checkpoint.model_id)
                            if request.calibration is not None else Calibration.from_checkpoint(checkpoint))
+            why = calibration.implausible_for(checkpoint.metrics)
+            if why:
+                raise ValueError(f"{request.calibration}: {why}")
             if checkpoint.model_id == current_model_id:  # same weights (rewritten, touched): no new Scorer
                 return Loaded(calibration=calibration if request.calibration is not None else None)
             scorer = self.make_scorer(checkpoint)
@@ -384,6 +398,10 @@ class ModelSwitch:
             if calibration.model_id and calibration.model_id != self.model_id:
                 raise ValueError(f"calibration is for model {calibration.model_id}, "
                                  f"the agent scores with {self.model_id}")
+            checkpoint = getattr(self.current.scorer, "checkpoint", None)  # stage tests use bare scorers
+            why = calibration.implausible_for(getattr(checkpoint, "metrics", None) or {})
+            if why:
+                raise ValueError(why)
             self.current = self.current.with_calibration(calibration)
 
     def request(self, request: ModelRequest) -> None:

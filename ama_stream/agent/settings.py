@@ -8,6 +8,7 @@ in one transaction) cannot be switched off by accident.
 """
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -227,11 +228,19 @@ class AgentSettings(AmaSettings):
     # without one the checkpoint's own statistics), or a model message on the control topic; loaded and
     # warmed off the loop, swapped between batches, refused if its calibration is for another model
     model_reload: bool = False
+    # model messages on the control topic may only name files inside these folders (symbolic links
+    # resolved first, so a link cannot lead out); empty: the folder of `checkpoint`
+    model_dirs: list[Path] = []
     drift: DriftSection = DriftSection()
     max_frames: int | None = Field(None, ge=1)  # stop after this many frames were handled
     idle_exit_s: float | None = Field(None, gt=0)  # stop after this long without a frame
     consumer: dict[str, Any] = {}  # passed to kafka-python's KafkaConsumer
     producer: dict[str, Any] = {}  # passed to kafka-python's KafkaProducer
+
+    def allowed_model_dirs(self) -> list[Path]:
+        """The folders model messages may name files in (model_dirs, else the checkpoint's folder)."""
+        dirs = self.model_dirs or ([self.checkpoint.parent] if self.checkpoint is not None else [])
+        return [Path(os.path.realpath(d)) for d in dirs]
 
     @field_validator("consumer")
     @classmethod

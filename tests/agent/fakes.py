@@ -12,7 +12,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from ama_stream.agent.frames import PNG, encode_frame
-from ama_stream.preprocess import PreprocessSpec
+from ama_stream.preprocess import PreprocessSpec, to_tensor
+from ama_stream.tiling import TileBatch
 
 
 def record(topic="frames", partition=0, offset=0, value=b"", headers=(), key=b"cam-0") -> ConsumerRecord:
@@ -41,6 +42,8 @@ class FakeScorer:
         self.calls: list[int] = []
 
     def r_scores(self, x, batch_size: int = 256, desc=None) -> np.ndarray:
+        if isinstance(x, TileBatch):  # the agent's decoded batches: whole-image inputs, one per frame
+            x = to_tensor(x.tiles)
         self.calls.append(len(x))
         expected = (self.spec.channels, self.spec.image_size, self.spec.image_size)
         if tuple(x.shape[1:]) != expected:

@@ -254,6 +254,45 @@ def test_model_messages_are_parsed_and_malformed_ones_refused_with_the_reason():
         assert model_message(other, "o") is None  # a calibration document (or garbage) for parse_calibration
 
 
+def test_model_messages_may_name_files_only_inside_the_allowed_folders(tmp_path):
+    """Before, a model message could name any file the agent's user can read (/etc/shadow as root), and
+    the log told whether it existed. Now paths outside the allowed folders are refused unread, the
+    same way whether they exist or not, and a symbolic link cannot lead out of a folder."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "b.pt").write_bytes(b"x")
+    (models / "escape.pt").symlink_to("/etc/passwd")
+
+    def message(checkpoint: str, calibration: str | None = None):
+        payload = {"format": "ama-stream/model", "version": 1, "checkpoint": checkpoint}
+        if calibration:
+            payload["calibration"] = calibration
+        return model_message(json.dumps(payload).encode(), "t[0]@3", [models.resolve()])
+
+    assert not message(str(models / "b.pt")).error
+    assert not message(str(models / "new.pt")).error  # inside, not yet written: the loader says so later
+    for outside in ("/etc/shadow", "/etc/no-such-file", str(models / "escape.pt"), str(models / ".." / "b.pt")):
+        refused = message(outside)
+        assert "outside the folders model messages may use" in refused.error and "no such" not in refused.error
+    assert "`calibration`" in message(str(models / "b.pt"), "/etc/shadow").error
+
+
+def test_a_calibration_that_would_silence_the_model_is_refused():
+    """mu = 1e150 was accepted and silenced every alert; a sigma a million times too large would too."""
+    from ama_stream.calibration import Calibration, Entry, Policy
+
+    held_out = {"holdout_r_mean": 120.0, "holdout_r_std": 4.0}
+    fitted = Calibration("m", Entry(n=500, mu=118.0, sigma=4.5), Policy("sigma", None, 3.0))
+    assert fitted.implausible_for(held_out) is None and fitted.implausible_for({}) is None
+    for entry in (Entry(n=500, mu=1e150, sigma=4.0), Entry(n=500, mu=120.0, sigma=4e6),
+                  Entry(n=500, mu=120.0, sigma=1e-3), Entry(n=500, mu=-1e3, sigma=4.0)):
+        why = Calibration("m", entry, Policy("sigma", None, 3.0)).implausible_for(held_out)
+        assert why and "not a calibration of this model's scores" in why
+    per_camera = Calibration("m", Entry(n=500, mu=118.0, sigma=4.5), Policy("sigma", None, 3.0),
+                             {"cam-9": Entry(n=50, mu=1e150, sigma=1.0)})
+    assert "camera 'cam-9'" in per_camera.implausible_for(held_out)
+
+
 # --------------------------------------------------------------------------- the real loader
 
 

@@ -121,7 +121,7 @@ def test_frame_decoder_decodes_fits_and_dead_letters_with_reasons_and_positions(
     ], epoch=3)
     out = decoder(batch)
     assert [m.offset for m in out.frames] == [5, 6] and out.frames[0].frame_id == "a"
-    assert out.inputs.shape == (2, 1, 32, 32) and out.inputs.dtype == torch.float32
+    assert out.inputs.tiles.shape == (2, 32, 32, 1) and out.inputs.tiles.dtype == np.uint8  # one input per frame
     assert out.values == [batch.records[0].value, npy]  # kept for dead letters if scoring fails
     assert [(r.meta.offset, r.reason) for r in out.rejected] == [
         (9, "undecodable"), (10, "bad-content-type"), (7, "too-large"), (11, "header-too-large"), (12, "empty")]
