@@ -181,8 +181,8 @@ TOOL_ENV = frozenset({"data_root", "cache_dir", "log_level", "log_json", "debug"
 TRAIN_KEYS = frozenset({"data", "model", "loss", "optim", "train", "policy", "seed", "device", "data_root"})
 AGENT_KEYS = frozenset({"kafka", "topics", "group_id", "delivery", "agent_id", "batching", "limits", "metrics",
                         "retry", "device", "runtime", "torch_threads", "checkpoint", "calibration",
-                        "calibration_check_s", "model_reload", "drift", "max_frames", "idle_exit_s", "consumer",
-                        "producer"})
+                        "calibration_check_s", "model_reload", "model_dirs", "control_key", "drift", "max_frames",
+                        "idle_exit_s", "consumer", "producer"})
 
 
 def check_environment(cls: type[BaseModel], environ: dict[str, str] | None = None) -> None:

@@ -54,6 +54,7 @@ from .fetch_guard import FetchGuard, UnreadableRecord
 from .frames import FrameLimits
 from .kafka_io import build_client, describe
 from .settings import AgentSettings
+from .signing import signed_by
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ class ControlTopic:
         self.topic = settings.topics.calibration
         self.check_every_s = settings.calibration_check_s
         self.allowed_dirs = settings.allowed_model_dirs()
+        self.key = settings.control_key.get_secret_value().encode() if settings.control_key else None
         config = {**settings.consumer, **settings.kafka.client_config()}
         for group_only in ("session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms", "auto_offset_reset"):
             config.pop(group_only, None)
@@ -292,6 +294,10 @@ class ControlTopic:
             if isinstance(record, UnreadableRecord):
                 continue  # logged and counted by the guard; there is nothing to apply
             origin = f"{record.topic}[{record.partition}]@{record.offset}"
+            if self.key is not None and not signed_by(self.key, record.value, record.headers):
+                updates.append(Update("topic", origin, None, f"{origin}: not signed with the control key "
+                                                             "(AMA_CONTROL_KEY; a `signature` header)"))
+                continue
             key = record.key.decode("utf-8", "replace") if record.key else None
             if key is not None and key != model_id:
                 log.debug("skipping control message %s: keyed for model %s", origin, key)

@@ -231,6 +231,9 @@ class AgentSettings(AmaSettings):
     # model messages on the control topic may only name files inside these folders (symbolic links
     # resolved first, so a link cannot lead out); empty: the folder of `checkpoint`
     model_dirs: list[Path] = []
+    # shared key (AMA_CONTROL_KEY): control messages must carry its HMAC-SHA256 in a `signature`
+    # header (`calibrate --publish` adds it); null: unsigned messages are accepted
+    control_key: SecretStr | None = None
     drift: DriftSection = DriftSection()
     max_frames: int | None = Field(None, ge=1)  # stop after this many frames were handled
     idle_exit_s: float | None = Field(None, gt=0)  # stop after this long without a frame

@@ -207,12 +207,15 @@ def _publish(args: argparse.Namespace, calibration) -> None:
     from kafka.errors import KafkaError
 
     from ama_stream.agent.kafka_io import make_producer
+    from ama_stream.agent.signing import SIGNATURE_HEADER, key_from_env, signature
 
     settings = _kafka_settings(args)
+    value, key = calibration.to_json_bytes(), key_from_env()
+    headers = [(SIGNATURE_HEADER, signature(key, value))] if key else []  # agents with a control key need it
     try:
         producer = make_producer(settings.kafka, settings.producer, connect_timeout_s=args.connect_timeout_s)
         try:
-            producer.send(args.publish, key=calibration.model_id.encode(), value=calibration.to_json_bytes()).get(30)
+            producer.send(args.publish, key=calibration.model_id.encode(), value=value, headers=headers).get(30)
         finally:
             producer.close(timeout=10)
     except KafkaError as exc:

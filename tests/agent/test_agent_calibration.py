@@ -310,3 +310,39 @@ def test_drift_of_one_camera_is_reported_by_metric_and_log(make_topics, producer
                                                          f"{calibration.calibration_id} (")
     assert "recalibration is due" in warnings[0]
     assert any(reason.startswith("mean z of normal frames +") for reason in runner.agent.drift.cameras["cam-1"].reasons)
+
+
+def test_with_a_control_key_only_signed_control_messages_count(make_topics, producer, random_checkpoint, agent_threads,
+                                                               cli_main, tmp_path, monkeypatch):
+    """AMA_CONTROL_KEY: a calibration anyone writes to the topic without the key's signature is refused;
+    `calibrate --publish` under the same key signs its document, and the agent takes it."""
+    from ama_stream.agent.signing import SIGNATURE_HEADER, signature
+
+    topics = make_topics(partitions=1)
+    control = f"calibrations-{topics.group}"
+    ensure_topics(KafkaSection(bootstrap_servers=topics.bootstrap), {control: 1})
+    items = random_items(40, "signed", seed=8)
+    model_id = Scorer(random_checkpoint, "cpu").model_id
+    r = r_scores(random_checkpoint, items)
+    forged = fit(model_id, r, Policy("upper", 0.4))
+    monkeypatch.setenv("AMA_CONTROL_KEY", "line3-secret")
+    runner = agent_threads(topics.settings(random_checkpoint, topics={"calibration": control}, calibration_check_s=0.05,
+                                           max_frames=40))
+    wait_for(lambda: runner.agent.control_topic is not None, 60, "the control topic consumer")
+    producer.send(control, key=model_id.encode(), value=forged.to_json_bytes())  # no signature
+    producer.send(control, key=model_id.encode(), value=forged.to_json_bytes(),
+                  headers=[(SIGNATURE_HEADER, signature(b"another-key", forged.to_json_bytes()))])
+    producer.flush()
+    wait_for(lambda: reloads(runner, "refused", "topic") == 2, 60, "both forged calibrations to be refused")
+    assert runner.agent.calibration.calibration_id.startswith("checkpoint:")
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for item in items:
+        (folder / f"{item.frame_id}.png").write_bytes(encode_frame(item.image, PNG))
+    assert cli_main(["calibrate", "--checkpoint", str(random_checkpoint), "--source", f"folder:{folder}",
+                     "--out", str(tmp_path / "cal.json"), "--bootstrap", topics.bootstrap, "--publish", control,
+                     "--device", "cpu"]) == 0
+    signed = load_calibration(tmp_path / "cal.json", model_id)
+    wait_for(lambda: runner.agent.calibration.calibration_id == signed.calibration_id, 60, "the signed calibration")
+    publish(producer, topics.frames, items, cameras=1)
+    assert runner.join() == 0
