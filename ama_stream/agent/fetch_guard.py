@@ -28,6 +28,8 @@ from typing import Callable
 from kafka.errors import CorruptRecordError, UnsupportedCodecError
 from kafka.structs import TopicPartition
 
+from .inflation import InflatedTooLarge
+
 log = logging.getLogger(__name__)
 
 # the pause after an error that names no partition, so a persistent one cannot spin the loop
@@ -43,7 +45,7 @@ class UnreadableRecord:
     topic: str
     partition: int
     offset: int
-    reason: str  # unsupported-codec, corrupt-record, fetch-error
+    reason: str  # unsupported-codec, corrupt-record, too-large (inflated past the batch limit), fetch-error
     error: str  # "reason: what the client said", for the dead letter's `error` header
     timestamp: int = -1
     key: bytes | None = None
@@ -52,6 +54,8 @@ class UnreadableRecord:
 
 
 def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, InflatedTooLarge):
+        return "too-large"
     if isinstance(exc, UnsupportedCodecError):
         return "unsupported-codec"
     if isinstance(exc, CorruptRecordError):

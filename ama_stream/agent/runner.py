@@ -48,6 +48,7 @@ from .accounting import Accounting, AgentStats, DriftWatch, drift_monitor
 from .batcher import MicroBatcher
 from .commit import OffsetCommitter, names
 from .decode import DecodedBatch, DecodeStage, FrameDecoder
+from . import inflation
 from .fetch_guard import FetchGuard
 from .frames import FrameLimits
 from .kafka_io import available_codecs, connect_with_retry, describe, make_consumer, make_producer
@@ -100,6 +101,7 @@ class Agent:
                    or Calibration.from_checkpoint(scorer.checkpoint))
         lim = settings.limits
         limits = FrameLimits(lim.max_frame_bytes, lim.max_pixels, lim.max_batch_pixels)
+        inflation.install(lim.max_inflated_batch_bytes)  # kafka-python inflates batches before our limits apply
         loader = ModelLoader(self._make_scorer, limits, settings.batching.max_batch) if settings.model_reload else None
         self.models = ModelSwitch(Model(scorer, initial, FrameDecoder(scorer, limits), str(settings.checkpoint or "")),
                                   self.metrics, files, loader, needs_calibration=settings.calibration is not None)

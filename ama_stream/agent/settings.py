@@ -141,6 +141,9 @@ class BatchingSection(Section):
 
 class LimitsSection(Section):
     max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1)  # larger frame values are dead-lettered undecoded
+    # a compressed record batch may inflate to at most this many bytes (checked while inflating; past
+    # it, the batch's offsets are dead-lettered as too-large): a gzip bomb cannot take the memory
+    max_inflated_batch_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(4096 * 4096, ge=1)  # width x height, checked from the header before decoding
     # decoded pixels per micro-batch (64 frames of 2048x2048, or 16 of 4096x4096): bounds a batch's
     # decoding time; a frame past it is dead-lettered (batch-too-many-pixels) with its value, for `replay`

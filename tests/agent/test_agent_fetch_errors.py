@@ -191,3 +191,37 @@ def test_a_crc_error_is_located_from_its_message_when_the_fetcher_holds_nothing(
     (record,) = polled[tp]
     assert isinstance(record, UnreadableRecord) and (record.offset, record.reason) == (17, "corrupt-record")
     assert consumer.sought == (tp, 18)
+
+
+def test_a_gzip_bomb_is_dead_lettered_without_inflating_it_across_a_restart(make_topics, producer, random_checkpoint):
+    """One gzip record, 256 MiB of zeros in a ~0.25 MiB batch, between frames:
+    before, kafka-python inflated it whole (the issue's 1 GiB bomb took the agent from 742 to 3575 MiB).
+    Now it stops at limits.max_inflated_batch_bytes: the bomb's offset is dead-lettered `too-large`, the
+    other frames are scored, and peak RSS stays within 200 MiB of a run without the bomb."""
+    from .test_agent_hostile import _peak_rss_mb
+
+    peaks = {}
+    serve = ["--max-wait-ms", "200", "--metrics-port", "0", "--device", "cpu"]
+    for kind in ("plain", "bomb"):
+        topics = make_topics(partitions=1)
+        items = random_items(10, f"around-{kind}")
+        publish(producer, topics.frames, items[:5], cameras=1)
+        if kind == "bomb":
+            bomber = KafkaProducer(bootstrap_servers=topics.bootstrap, compression_type="gzip", linger_ms=0,
+                                   max_request_size=1 << 30)
+            bomber.send(topics.frames, key=b"cam-0", value=bytes(256 << 20), headers=[("frame-id", b"bomb")])
+            bomber.flush()
+            bomber.close(timeout=5)
+        publish(producer, topics.frames, items[5:], cameras=1)
+        n = 11 if kind == "bomb" else 10
+        rc, peaks[kind] = _peak_rss_mb(["serve", *topics.serve_args(random_checkpoint), "--max-frames", str(n), *serve])
+        assert rc == 0
+        scores = {json.loads(r.value)["frame_id"] for r in read_all(topics.bootstrap, topics.scores)}
+        assert scores == {item.frame_id for item in items}
+        if kind == "bomb":
+            (dead,) = read_all(topics.bootstrap, topics.dlq, timeout=10)
+            assert dict(dead.headers)["error"].startswith(b"too-large: ") and dead.value in (b"", None)
+            rc, _ = _peak_rss_mb(["serve", *topics.serve_args(random_checkpoint), "--idle-exit-s", "3", *serve])
+            assert rc == 0 and len(read_all(topics.bootstrap, topics.scores)) == 10  # committed past the bomb
+    print(f"peak RSS (MiB): {peaks}")
+    assert peaks["bomb"] - peaks["plain"] < 200, peaks
