@@ -122,7 +122,9 @@ setup(
     extras_require={
         # the runtimes are in dev too, so the tests that compare them with torch run instead of skipping
         "dev": ["pytest>=8", "scipy>=1.10", "hypothesis>=6.100", "tensorboard>=2.14", "ninja", "pybind11",
-                "onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20", "openvino>=2024.6"],
+                "onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20", "openvino>=2024.6",
+                # an independent Kafka client (librdkafka) for the interoperability tests
+                "confluent-kafka>=2.2"],
         # `--runtime onnxruntime` and `ama-stream export --format onnx` (torch.onnx's exporter needs onnx + onnxscript)
         "onnx": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
         # `--runtime openvino` and `ama-stream export --format openvino` (converted from the ONNX export)
