@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import signal
 import socket
 import subprocess
 import time
@@ -52,9 +53,23 @@ def _stop_all() -> None:
         broker.stop()
 
 
+def _die_with_parent() -> None:
+    """In the broker's child process (Linux): the kernel kills it when the thread that started it
+    ends, the process dying by SIGKILL included (atexit cannot run then, and an orphan tansu would
+    keep the port). So start() belongs on a thread that lives as long as the broker should."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: atexit and stop() are all there is
+        pass
+
+
 def _check_port_free(host: str, port: int) -> None:
     """BrokerError naming host:port when something already listens there."""
     with socket.socket() as probe:
+        # as servers bind: a port left in TIME_WAIT by a killed broker is free to listen on again
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -94,7 +109,7 @@ class EmbeddedBroker:
             self._log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
             self._proc = subprocess.Popen(
                 [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
-                stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
             )
             _RUNNING.add(self)
             if self._wait_listening(timeout_s):

@@ -62,3 +62,29 @@ def test_broker_command_refuses_a_taken_port_before_touching_anything(bootstrap)
         assert "should-not-exist" not in admin.list_topics()
     finally:
         admin.close()
+
+
+def test_a_broker_restarts_on_its_port_right_after_being_killed():
+    """Before, the port check bound without SO_REUSEADDR: after a SIGKILL with clients connected, the
+    port sat in TIME_WAIT and `ama-stream broker` refused it for about 70 s."""
+    import time
+
+    port = free_port()
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "ama_stream.cli", "broker", "--port", str(port)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        assert f"broker listening on 127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() else "")
+        return proc
+
+    first = start()
+    admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+    admin.list_topics()
+    first.kill()  # SIGKILL: no clean shutdown, connections left to the kernel
+    first.wait(timeout=30)
+    admin.close()
+    time.sleep(0.5)
+    second = start()  # at once, on the same port
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=30) == 0
