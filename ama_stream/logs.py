@@ -41,6 +41,8 @@ class KafkaBurstFilter(logging.Filter):
     One unreachable broker makes kafka-python log ~5 lines (connect failed, connection lost,
     backoff, not ready, bootstrap failed); the agent's own line says what it does about it.
     Lower levels and other loggers pass untouched (`--log-level DEBUG` shows kafka-python's detail).
+    kafka-python's ERROR lines pass as WARNING: they report what the agent handles (a broker that is
+    down), and a newcomer's first screen should not open with an ERROR the agent recovers from.
     """
 
     def __init__(self, interval_s: float = 30.0, prefix: str = "kafka"):
@@ -57,6 +59,8 @@ class KafkaBurstFilter(logging.Filter):
             self._dropped += 1
             return False
         self._burst_since = now
+        if record.levelno >= logging.ERROR:  # connection trouble the agent retries and reports itself
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         if self._dropped:
             record.msg = f"{record.getMessage()} (and {self._dropped} more kafka-python lines of the last failure)"
             record.args = ()

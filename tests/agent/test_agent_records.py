@@ -141,8 +141,10 @@ def test_kafka_burst_filter_passes_one_kafka_line_per_failure():
     burst = [rec("kafka.net.manager", "Connection failed: %s"), rec("kafka.net.connection", "Connection lost: %s"),
              rec("kafka.net.manager", "Bootstrap failed: %s", logging.WARNING)]
     assert [flt.filter(r) for r in burst] == [True, False, False]
+    assert burst[0].levelname == "WARNING"  # kafka-python's ERROR for what the agent retries: a warning
     assert flt.filter(rec("kafka.conn", "detail %s", logging.DEBUG))  # debug detail is not thinned
-    assert flt.filter(rec("ama_stream.agent", "broker %s down")) and flt.filter(rec("ama_stream.agent", "broker %s down"))
+    own = rec("ama_stream.agent", "broker %s down")
+    assert flt.filter(own) and flt.filter(rec("ama_stream.agent", "broker %s down")) and own.levelname == "ERROR"
     flt._burst_since -= 61  # the next failure, a minute later
     later = rec("kafka.net.manager", "Connection failed: %s")
     assert flt.filter(later) and later.getMessage() == "Connection failed: x (and 2 more kafka-python lines of the last failure)"
