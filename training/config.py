@@ -120,6 +120,9 @@ class TrainSection(Section):
     # exponential moving average of the E, G and D weights, used for the saved model (None = the last
     # weights). GAN training oscillates; an average over the last ~1/(1-decay) steps is steadier
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    # after training: implant synthetic defects (2-32 px, two contrasts) into held-out good images and
+    # report which the model catches at its default threshold (ama_stream.sensitivity), about a minute
+    sensitivity: bool = True
 
 
 class TrainConfig(AmaSettings):

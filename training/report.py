@@ -190,6 +190,28 @@ def top_overlays(scorer, groups, masks: dict | None = None, count: int = 4) -> l
     return rows
 
 
+def plot_sensitivity(path: Path, sens: Mapping[str, object]) -> str:
+    """Detection rate against defect size, one line per kind: solid at the strong contrast, dashed at
+    the faint one; the 90% line marks 'caught'."""
+    sizes = list(sens["sizes_px"])
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    contrasts = sorted(float(c) for c in next(iter(sens["rates"].values())))
+    for k, (kind, by_contrast) in enumerate(sens["rates"].items()):
+        for c in contrasts:
+            ax.plot(sizes, by_contrast[str(c)], marker="o", color=f"C{k}", linestyle="-" if c == max(contrasts) else "--",
+                    label=f"{kind} (contrast {c:g})")
+    ax.axhline(0.9, color="gray", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(v) for v in sizes])
+    ax.set_xlabel("defect size (px of the camera's frame)")
+    ax.set_ylabel("share caught at the threshold")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("What this model will catch (synthetic defects in held-out good images)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def extreme_indices(r: np.ndarray, count: int = GRID_IMAGES) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the `count` lowest and highest finite R-scores."""
     finite = np.flatnonzero(np.isfinite(r))
@@ -201,10 +223,26 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
 
+def sensitivity_lines(sens: Mapping[str, object]) -> list[str]:
+    """The label-free sensitivity check in words: the warning first, if any, then the smallest defect
+    of each kind caught at least 90% of the time."""
+    lines = [str(sens["warning"])] if sens.get("warning") else []
+    seen = set(sens.get("seen_in_training") or ())
+    parts = [f"{kind} {f'{px} px' if px else 'none up to 32 px'}{' (seen in training)' if kind in seen else ''}"
+             for kind, px in dict(sens.get("minimum_detectable_px") or {}).items()]
+    lines.append(f"What it will catch, told without any defect image (synthetic defects in {sens.get('n_good')} held-out "
+                 f"good images, strong contrast): smallest size caught 90% of the time: {'; '.join(parts)}.")
+    return lines
+
+
 def plain_summary(metrics: Mapping[str, object], checkpoint: Path, policy: str) -> list[str]:
     """What a QA engineer reads first: what the model learned from, how often it will cry wolf on good
-    parts, how many of the given defects it catches, and the next command to run."""
+    parts, how many of the given defects it catches (or, without defect images, which synthetic ones
+    it would), and the next command to run."""
     lines = []
+    sens = metrics.get("sensitivity")
+    if isinstance(sens, Mapping) and sens.get("warning"):
+        lines.append(str(sens["warning"]))  # the loud line goes first
     n, wall = metrics.get("train_images"), metrics.get("train_wall_s")
     if n is not None:
         lines.append(f"Trained on {n} good images for {metrics.get('steps', '?')} steps"
@@ -222,19 +260,40 @@ def plain_summary(metrics: Mapping[str, object], checkpoint: Path, policy: str) 
     else:
         lines.append("No defect images were given, so how many defects it catches is unknown: add "
                      "--anomaly folder:DEFECTS to `train`, or run `ama-stream evaluate --anomaly folder:DEFECTS`.")
+    if isinstance(sens, Mapping):
+        lines += [line for line in sensitivity_lines(sens) if line != sens.get("warning")]
     lines.append(f"Next: set the alert threshold on good images it has not seen: ama-stream calibrate --checkpoint "
                  f"{checkpoint} --source heldout --policy {policy} --target-fpr 0.001 --out "
                  f"{checkpoint.parent / 'cal.json'}")
     return lines
 
 
+def _sensitivity_html(sens: Mapping[str, object]) -> str:
+    """The detection-rate table: a row per kind and contrast, a column per size."""
+    sizes = list(sens["sizes_px"])
+    seen = set(sens.get("seen_in_training") or ())
+    head = "<tr><th>kind</th><th>contrast</th>" + "".join(f"<th>{v} px</th>" for v in sizes) + "</tr>"
+    body = []
+    for kind, by_contrast in sens["rates"].items():
+        for contrast, rates in by_contrast.items():
+            label = html.escape(kind) + (" (seen in training)" if kind in seen else "")
+            body.append(f"<tr><td>{label}</td><td>{html.escape(str(contrast))}</td>"
+                        + "".join(f"<td>{100 * float(r):.0f}%</td>" for r in rates) + "</tr>")
+    return (f'<table id="sensitivity"><caption>Share of synthetic defects caught at the threshold; the same '
+            f'{sens.get("n_good")} good images untouched: {100 * float(sens.get("false_alarms") or 0):.1f}% alert'
+            f"</caption>{head}{''.join(body)}</table>")
+
+
 def write_html(path: Path, title: str, metrics: Mapping[str, object], images: Sequence[str],
                notes: Sequence[str] = (), summary: Sequence[str] = ()) -> None:
     """report.html: a plain-language summary first (when given), then every figure, then the raw
     numbers; figures are referenced by relative file name."""
-    rows = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in metrics.items())
+    rows = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in metrics.items()
+                     if k != "sensitivity")
+    sens = metrics.get("sensitivity")
+    sens_html = _sensitivity_html(sens) if isinstance(sens, Mapping) else ""
     summary_html = ("<section id=\"summary\"><h2>Summary</h2>" + "".join(f"<p>{html.escape(line)}</p>" for line in summary)
-                    + "</section>") if summary else ""
+                    + sens_html + "</section>") if summary or sens_html else ""
     figs = "\n".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(name)}">'
                      f"<figcaption>{html.escape(name)}</figcaption></figure>" for name in images)
     note_items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
@@ -298,6 +357,8 @@ def write_report(out_dir: str | Path, scorer, *, title: str, metrics: Mapping[st
                 x = to_tensor(scorer.representative_inputs(pool[idx]))
                 grid_rows.append((f"{label}: {which}", x.numpy(), scorer.reconstruct(x).numpy(), r[idx]))
     images.append(plot_reconstructions(out / "reconstructions.png", grid_rows))
+    if isinstance(metrics.get("sensitivity"), Mapping):
+        images.append(plot_sensitivity(out / "sensitivity.png", metrics["sensitivity"]))
     if overlays:
         images.append(plot_overlays(out / "maps.png", overlays))
     write_html(out / "report.html", title, metrics, images, notes, summary)

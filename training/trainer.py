@@ -22,6 +22,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ama_stream import sensitivity
 from ama_stream.calibration import Calibration
 from ama_stream.checkpoint import Checkpoint, save_checkpoint
 from ama_stream.fileio import atomic_write_bytes
@@ -403,6 +404,9 @@ class Trainer:
         if test is not None and test.ids:
             metrics.update(holdout_record(test))
         log.info("test: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        sens = self._sensitivity(scorer, calibration) if self.cfg.train.sensitivity else None
+        if sens is not None:
+            metrics["sensitivity"] = sens.to_json()
         ckpt.metrics = metrics
         if not self.out_dir:
             ckpt.model_id = ""
@@ -412,7 +416,30 @@ class Trainer:
         atomic_write_bytes(self.out_dir / "metrics.json", (json.dumps(metrics_out, indent=2) + "\n").encode())
         log.info("wrote %s and %s", self.out_dir / "model.pt", self.out_dir / "metrics.json")
         self._write_report(scorer, calibration, metrics_out, fit_images, r_fit, r_test)
+        if sens is not None and sens.warning():
+            log.warning("%s", sens.warning())  # among the run's last lines, where it is seen
         return ckpt
+
+    def _sensitivity(self, scorer: Scorer, calibration: Calibration, count: int = 40):
+        """What the model catches at its default threshold: the synthetic-defect ladder implanted into
+        up to `count` held-out good images (seeded), sizes in pixels of the camera's frames."""
+        test = self.data.test
+        if test is None or test.n_normal == 0:
+            return None
+        good = np.flatnonzero(test.labels == 0)
+        good = np.sort(np.random.default_rng([self.cfg.seed, 9]).choice(good, min(count, len(good)), replace=False))
+        images = [test.images[i] for i in good]
+        scales = None
+        if test.shapes is not None:  # fitted pixels per native pixel, so sizes mean the camera's pixels
+            scales = [img.shape[1] / max(int(test.shapes[i][1]), 1) for img, i in zip(images, good)]
+        n = self.cfg.loss.negatives
+        seen = tuple(n.kinds) if n.enabled and n.mode == "synthetic" else ()
+        t0 = time.monotonic()
+        sens = sensitivity.check(sensitivity.fitted_scorer(scorer), calibration, images, scales, seed=self.cfg.seed,
+                                 seen_in_training=seen)
+        log.info("what this model will catch at its default threshold (%.0f s):\n%s", time.monotonic() - t0,
+                 "\n".join(sens.table()))
+        return sens
 
     def _write_report(self, scorer: Scorer, calibration: Calibration, metrics: dict, fit_images: np.ndarray,
                       r_fit: np.ndarray, r_test: np.ndarray) -> None:
