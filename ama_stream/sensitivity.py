@@ -150,3 +150,24 @@ def fitted_scorer(scorer):
             return scorer.r_scores(batch)
         return scorer.r_scores(np.stack(images))
     return score
+
+
+def seen_kinds(train_config: dict) -> tuple[str, ...]:
+    """The defect kinds a model trained against (its training config's synthetic negatives), if any."""
+    negatives = ((train_config or {}).get("loss") or {}).get("negatives") or {}
+    if negatives.get("enabled") and negatives.get("mode") == "synthetic":
+        return tuple(negatives.get("kinds") or ())
+    return ()
+
+
+def check_held_out(scorer, calibration, images, labels, shapes, seed: int, train_config: dict,
+                   count: int = 40) -> Sensitivity:
+    """The check on up to `count` good images (labels == 0, a seeded choice) of a test set fitted to
+    `scorer`'s model; `shapes`: their native (height, width, ...), so sizes mean the camera's pixels."""
+    good = np.flatnonzero(np.asarray(labels) == 0)
+    if len(good) == 0:
+        raise ValueError("the sensitivity check needs good images")
+    good = np.sort(np.random.default_rng([seed, 9]).choice(good, min(count, len(good)), replace=False))
+    picked = [images[i] for i in good]
+    scales = None if shapes is None else [img.shape[1] / max(int(shapes[i][1]), 1) for img, i in zip(picked, good)]
+    return check(fitted_scorer(scorer), calibration, picked, scales, seed=seed, seen_in_training=seen_kinds(train_config))

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "train.epochs=2", "--set", "train.steps_per_epoch=3", "--set", "train.batch_size=16",
         "--set", "model.nz=8", "--set", "model.enc_width=4", "--set", "model.gen_width=8", "--set", "model.disc_width=8",
         "--set", "train.log_every=1", "--device", "cpu"]
-REPORT_PNGS = {"scores.png", "losses.png", "reconstructions.png"}
+REPORT_PNGS = {"scores.png", "losses.png", "reconstructions.png", "sensitivity.png", "maps.png"}
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -54,6 +54,9 @@ def line(tmp_path_factory) -> dict[str, Path]:
     proc = cli("train", "--normal", f"folder:{good}", "--out", run, *TINY)
     assert "model input from the data: 32x32, colour" in proc.stderr  # the patch size and channels are logged
     assert "per-position statistics on: images worked on at 80x60" in proc.stderr  # one camera set-up
+    # a model 6 steps old: the label-free check says loudly, among the last lines, that it catches nothing
+    assert "WARNING: at the alert threshold this model catches no synthetic defect of 32 px" in \
+        "\n".join(proc.stderr.strip().splitlines()[-3:])
     return {"good": good, "bad": bad, "run": run}
 
 
@@ -68,6 +71,17 @@ def test_good_only_training_writes_model_metrics_and_report(line):
         assert (run / name).is_file(), name
     rows = (run / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,epoch,elapsed_s,") and len(rows) == 1 + 6  # one row per logged step
+
+
+def test_metrics_and_report_say_what_the_model_will_catch(line):
+    sens = json.loads((line["run"] / "metrics.json").read_text())["sensitivity"]
+    assert sens["sizes_px"] == [2, 4, 8, 16, 32] and sens["n_good"] > 0 and sens["warning"].startswith("WARNING")
+    assert set(sens["rates"]) == {"spot", "scratch", "cutpaste", "blend"}
+    assert set(sens["seen_in_training"]) == {"spot", "scratch", "cutpaste", "blend"}  # the template's negatives
+    page = (line["run"] / "report.html").read_text()
+    summary = page[page.index('<section id="summary">'):page.index("</section>")]
+    assert summary.index("WARNING: at the alert threshold") < summary.index("Trained on")  # the loud line first
+    assert '<table id="sensitivity">' in summary and "sensitivity.png" in page
 
 
 def test_report_references_every_plot_and_the_plots_decode(line):
@@ -108,7 +122,7 @@ def test_model_size_and_channels_come_from_the_images(line):
 
 def test_evaluate_scores_the_held_out_slice_against_defects(line, tmp_path):
     proc = cli("evaluate", "--checkpoint", line["run"] / "model.pt", "--anomaly", f"folder:{line['bad']}",
-               "--plots", tmp_path / "eval", "--maps", tmp_path / "maps", "--device", "cpu")
+               "--plots", tmp_path / "eval", "--maps", tmp_path / "maps", "--sensitivity", "--device", "cpu")
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
@@ -119,7 +133,8 @@ def test_evaluate_scores_the_held_out_slice_against_defects(line, tmp_path):
     assert "AUROC" in proc.stderr and "recall at 0.01 false-alarm rate" in proc.stderr  # the human table
     assert "do not match the model's" not in proc.stderr  # every image has the training images' size
     assert "held-out normal images are not those recorded" not in proc.stderr
-    for name in ("report.html", "roc.png", "pr.png", "scores.png", "reconstructions.png", "maps.png"):
+    assert result["sensitivity"]["n_good"] == result["n_normal"] and "what the checkpoint's threshold catches" in proc.stderr
+    for name in ("report.html", "roc.png", "pr.png", "scores.png", "reconstructions.png", "maps.png", "sensitivity.png"):
         assert (tmp_path / "eval" / name).is_file()
     maps = sorted(str(p.relative_to(tmp_path / "maps")) for p in (tmp_path / "maps").rglob("*.png"))
     assert len(maps) == result["n_normal"] + 24 and all(Image.open(tmp_path / "maps" / m).size == (80, 60) for m in maps)
@@ -139,6 +154,7 @@ def test_calibrate_from_the_held_out_slice_and_warns_about_resized_frames(line, 
     trained = json.loads((line["run"] / "metrics.json").read_text())
     assert json.loads(out.read_text())["global"]["n"] == trained["holdout_n"]
     assert "do not match the model" not in proc.stderr
+    assert "what this threshold catches" in proc.stdout and "spot" in proc.stdout  # what tightening costs
     other = tmp_path / "other-camera"  # another camera's frame size: brought to the model's working size, said so
     for i in range(12):
         Image.fromarray(np.full((75, 100, 3), 120 + i, np.uint8)).save(other / f"{i}.png") if other.mkdir(

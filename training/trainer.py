@@ -420,23 +420,15 @@ class Trainer:
             log.warning("%s", sens.warning())  # among the run's last lines, where it is seen
         return ckpt
 
-    def _sensitivity(self, scorer: Scorer, calibration: Calibration, count: int = 40):
-        """What the model catches at its default threshold: the synthetic-defect ladder implanted into
-        up to `count` held-out good images (seeded), sizes in pixels of the camera's frames."""
+    def _sensitivity(self, scorer: Scorer, calibration: Calibration):
+        """What the model catches at its default threshold: the synthetic-defect ladder in held-out good
+        images (ama_stream.sensitivity), logged as a table."""
         test = self.data.test
         if test is None or test.n_normal == 0:
             return None
-        good = np.flatnonzero(test.labels == 0)
-        good = np.sort(np.random.default_rng([self.cfg.seed, 9]).choice(good, min(count, len(good)), replace=False))
-        images = [test.images[i] for i in good]
-        scales = None
-        if test.shapes is not None:  # fitted pixels per native pixel, so sizes mean the camera's pixels
-            scales = [img.shape[1] / max(int(test.shapes[i][1]), 1) for img, i in zip(images, good)]
-        n = self.cfg.loss.negatives
-        seen = tuple(n.kinds) if n.enabled and n.mode == "synthetic" else ()
         t0 = time.monotonic()
-        sens = sensitivity.check(sensitivity.fitted_scorer(scorer), calibration, images, scales, seed=self.cfg.seed,
-                                 seen_in_training=seen)
+        sens = sensitivity.check_held_out(scorer, calibration, test.images, test.labels, test.shapes, self.cfg.seed,
+                                          self.cfg.model_dump(mode="json"))
         log.info("what this model will catch at its default threshold (%.0f s):\n%s", time.monotonic() - t0,
                  "\n".join(sens.table()))
         return sens

@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kafka: stop when no frame arrived for S seconds (default 10)")
     parser.add_argument("--connect-timeout-s", type=float, default=10.0, metavar="S",
                         help="kafka: give up when the broker cannot be reached for this long (default 10)")
+    parser.add_argument("--no-sensitivity", action="store_true",
+                        help="skip the check of which synthetic defects the new threshold catches (about a minute "
+                             "for camera-size frames on a CPU)")
     parser.add_argument("--publish", metavar="TOPIC",
                         help="also publish the calibration to this control topic (key: the model id) for running agents")
     parser.add_argument("--config", metavar="FILE", help="kafka: YAML with a kafka: section (security settings)")
@@ -132,6 +135,23 @@ def _file_frames(args: argparse.Namespace, checkpoint) -> Iterator[tuple[np.ndar
             yield image, (class_names[label] if class_names and label is not None else None)
 
 
+SENSITIVITY_FRAMES = 40  # good frames the sensitivity check implants its synthetic defects into
+
+
+def _print_sensitivity(scorer, calibration, good: list[np.ndarray], seed: int, checkpoint) -> None:
+    """What the new threshold catches: the synthetic-defect ladder in the first good frames (the same
+    check as after training; these frames were calibrated on, never trained on)."""
+    from ama_stream import sensitivity
+
+    result = sensitivity.check(lambda images: scorer.score_images(images).r, calibration, good, seed=seed,
+                               seen_in_training=sensitivity.seen_kinds(checkpoint.train_config))
+    print("  what this threshold catches (synthetic defects, px of the frames):")
+    for line in result.table():
+        print("    " + line)
+    if result.warning():
+        print("  " + result.warning())
+
+
 def _kafka_settings(args: argparse.Namespace):
     from ama_stream.agent.settings import ProduceSettings
     from ama_stream.settings import load_settings
@@ -173,7 +193,15 @@ def run(args: argparse.Namespace) -> int:
         frames = _file_frames(args, scorer.checkpoint)
     fitter = CalibrationFitter(per_camera=args.per_camera, max_sample=args.max_sample, seed=args.seed)
     started = time.monotonic()
-    tally = score_frames(scorer, frames, fitter, args.batch_size, args.limit)
+    kept: list[np.ndarray] = []  # the first good frames, for the sensitivity at the new threshold
+
+    def keeping(items):
+        for image, camera in items:
+            if len(kept) < SENSITIVITY_FRAMES:
+                kept.append(image)
+            yield image, camera
+
+    tally = score_frames(scorer, keeping(frames), fitter, args.batch_size, args.limit)
     misfit = tally.message("frames")
     if misfit:
         (log.warning if tally.serious else log.info)("%s", misfit)
@@ -196,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     print(calibration.summary())
     print(f"  scored {fitter.n} frames in {elapsed:.1f} s; wrote {args.out}")
+    if not args.no_sensitivity and kept:
+        _print_sensitivity(scorer, calibration, kept, args.seed, checkpoint)
     if args.publish:
         _publish(args, calibration)
         print(f"  published to topic {args.publish} (key {calibration.model_id})")

@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masks", metavar="SOURCE", help="defect masks, folder:DIR of PNGs named by the images' file "
                                                      "stems (nonzero = defect; no file = defect-free): adds pixel "
                                                      "AUROC and AUPRO to the JSON")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="also implant synthetic defects (2-32 px) into the held-out good images and report which the "
+                        "checkpoint's threshold catches, per kind and size")
     p.add_argument("--skip-corrupt", action="store_true", help="skip and count undecodable images instead of stopping")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the training config's data section, e.g. data.limit_test=500")
@@ -82,6 +85,17 @@ def _check_inputs(ckpt, test, own_normals: bool) -> None:
                         "were added to or removed from the source. Each file keeps its side of the split, so no "
                         "trained-on image is scored, but the numbers differ from the training report's",
                         now["holdout_normal_count"], ckpt.metrics.get("holdout_normal_count", 0))
+
+def _sensitivity(scorer, calibration, test, ckpt, seed: int) -> dict:
+    """The label-free check on up to 40 held-out good images, printed and returned for the JSON."""
+    from ama_stream import sensitivity
+
+    result = sensitivity.check_held_out(scorer, calibration, test.images, test.labels, test.shapes, seed,
+                                        ckpt.train_config)
+    print("what the checkpoint's threshold catches (synthetic defects, px of the camera's frames):\n"
+          + "\n".join(result.table()) + (f"\n{result.warning()}" if result.warning() else ""), file=sys.stderr)
+    return result.to_json()
+
 
 def _group(label: str, test, r, which):
     """(label, images, native shapes, scores, ids) of one side of the test set, for the map overlays."""
@@ -161,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if maps is not None and (args.maps or masks is not None):
         result.update(_write_maps_and_pixel_metrics(args.maps, masks, test, maps))
+    if args.sensitivity:
+        result["sensitivity"] = _sensitivity(scorer, calibration, test, ckpt, seed)
     if args.plots:
         from ..report import top_overlays, write_report  # matplotlib only when asked
 
