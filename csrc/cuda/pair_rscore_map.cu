@@ -8,32 +8,10 @@
 #include <algorithm>
 
 #include "launch.h"
+#include "reduce.cuh"
 
 namespace ama::cuda {
 namespace {
-
-constexpr int kWarp = 32;
-constexpr int kMaxThreads = 256;
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
-
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float partial[kMaxThreads / kWarp];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  v = warp_sum(v);
-  if (lane == 0) {
-    partial[warp] = v;
-  }
-  __syncthreads();
-  v = (threadIdx.x < blockDim.x / kWarp) ? partial[lane] : 0.f;
-  return warp == 0 ? warp_sum(v) : 0.f;
-}
 
 // Element (c, p) of a row sits at c * c_stride + p * p_stride: (hw, 1) for NCHW, (1, C) for NHWC.
 template <typename scalar_t>
