@@ -301,7 +301,10 @@ class Calibration:
             p[idx] = rule.p_values(zi)
             threshold[idx] = rule.threshold
             statistic[idx] = self.policy.statistic(zi)
-        return Decisions(z=z, log_a=log_a, p_value=p, anomaly=statistic > threshold, threshold=threshold)
+        # a score that is not a number is never normal (NaN > threshold would say it is): the agent
+        # dead-letters such frames before deciding; anyone else deciding on them sees an anomaly
+        anomaly = (statistic > threshold) | ~np.isfinite(r)
+        return Decisions(z=z, log_a=log_a, p_value=p, anomaly=anomaly, threshold=threshold)
 
     def _groups(self, camera_ids: Sequence[str | None] | None, size: int):
         if camera_ids is None or not self._rules:

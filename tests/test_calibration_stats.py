@@ -219,3 +219,18 @@ def test_invalid_statistics_and_policies_are_refused():
         Policy("median", 0.1)
     with pytest.raises(CalibrationError, match="k > 0"):
         Policy.make("sigma", k=-1)
+
+
+def test_a_score_that_is_not_a_number_is_never_normal():
+    """NaN > threshold is False: a NaN R used to be decided normal. Every policy now flags it."""
+    import numpy as np
+
+    from ama_stream.calibration import Calibration, CalibrationFitter, Entry, Policy
+
+    fitter = CalibrationFitter(seed=0)
+    fitter.update(np.random.default_rng(0).normal(0, 1, 2000))
+    calibrations = [Calibration("m", Entry(n=10, mu=0.0, sigma=1.0), Policy("sigma", None, 3.0))]
+    calibrations += [fitter.finish("m", Policy(name, 0.01), {"spec": "test"})[0] for name in ("two-sided", "upper")]
+    for calibration in calibrations:
+        d = calibration.decide(np.array([0.0, np.nan, np.inf, -np.inf]))
+        assert d.anomaly.tolist() == [False, True, True, True], calibration.policy

@@ -76,9 +76,11 @@ def score_batch(scorer, calibration: Calibration, batch: DecodedBatch) -> Scored
         r, errors = _r_one_by_one(scorer, batch.inputs, n)
     ok = []
     for i in range(n):
-        if i in errors or not math.isfinite(r[i]):
-            error = errors.get(i, f"non-finite R-score {r[i]}")
-            out.rejected.append(Rejected(batch.frames[i], batch.values[i], "score-failed", f"score-failed: {error}"))
+        if i in errors:
+            out.rejected.append(Rejected(batch.frames[i], batch.values[i], "score-failed", f"score-failed: {errors[i]}"))
+        elif not math.isfinite(r[i]):  # never decided: NaN would pass every threshold test as normal
+            out.rejected.append(Rejected(batch.frames[i], batch.values[i], "score-not-finite",
+                                         f"score-not-finite: the model gave R = {r[i]} (diverged weights?)"))
         else:
             ok.append(i)
     if ok:

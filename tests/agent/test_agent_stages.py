@@ -213,7 +213,8 @@ def test_a_frame_that_breaks_the_model_is_dead_lettered_with_its_value_and_the_r
 def test_a_non_finite_r_is_dead_lettered_and_a_batch_without_input_only_passes_its_rejections():
     out = score_batch(FakeScorer(nan_above=0.5), SpyCalibration(), _decoded([0, 255]))
     assert [f.meta.offset for f in out.scored] == [0]
-    assert out.rejected[0].error == "score-failed: non-finite R-score nan"
+    assert out.rejected[0].reason == "score-not-finite"
+    assert out.rejected[0].error == "score-not-finite: the model gave R = nan (diverged weights?)"
     cal = SpyCalibration()
     empty = score_batch(FakeScorer(), cal, _decoded([], rejected=[Rejected(FrameMeta.from_record(record()), b"x",
                                                                            "empty", "empty: no value")]))
@@ -267,3 +268,21 @@ def test_record_builder_keeps_a_rejected_frames_value(value):
     topics = TopicsSection(frames="frames", dead_letter="dlq")
     (dl,) = RecordBuilder(topics).build(ScoredBatch(rejected=[rejected]), "m", "c", 1)
     assert dl.value == value and dl.key == b"cam"
+
+
+def test_a_real_model_with_nan_weights_dead_letters_every_frame_as_not_finite():
+    """Diverged weights (NaN in the critic): no frame is decided normal, each is a dead letter
+    `score-not-finite`, counted under that reason."""
+    from ama_stream.checkpoint import Checkpoint
+    from ama_stream.model import AMA, ModelConfig
+    from ama_stream.preprocess import PreprocessSpec
+    from ama_stream.scoring import Scorer
+
+    cfg = ModelConfig(image_size=32, channels=1, nz=8, enc_width=4, gen_width=8, disc_width=8)
+    state = AMA(cfg).state_dict()
+    state["discriminator.linear.parametrizations.weight.original"].fill_(float("nan"))
+    for key in [k for k in state if k.startswith("discriminator.blocks.0.conv1") and "original" in k]:
+        state[key].fill_(float("nan"))
+    scorer = Scorer(Checkpoint(cfg, PreprocessSpec(32, 1), state, 0.0, 1.0), "cpu")
+    out = score_batch(scorer, SpyCalibration(), _decoded([0, 128, 255]))
+    assert out.scored == [] and [r.reason for r in out.rejected] == ["score-not-finite"] * 3
