@@ -291,6 +291,20 @@ class Scorer:
         patch_r, _ = self._patch_outputs(batch.tiles, maps=False)
         return self._image_scores(patch_r, batch)
 
+    def scores_and_cells(self, batch: TileBatch) -> tuple[np.ndarray, list[torch.Tensor] | None]:
+        """Image scores and, from the same forward, each image's per-patch maps (the critic's
+        resolution, small), for `inspection` of the few that alert. The torch runtime gives both in
+        one pass (ops.pair_rscore_map); an exported graph gives scores only (cells None)."""
+        if self.graph is not None:
+            return self.score_tiles(batch), None
+        patch_r, cells = self._patch_outputs(batch.tiles, maps=True)
+        return self._image_scores(patch_r, batch), batch.split(cells)
+
+    def inspection(self, score: float, cells: torch.Tensor, grid: TileGrid) -> Inspection:
+        """One image's map at its own size and hottest region, from its per-patch maps."""
+        anomaly_map = to_native(self.fitted_map(cells, grid), grid, self.spec)
+        return Inspection(float(score), anomaly_map, hottest_region(anomaly_map))
+
     def fitted_map(self, cells: torch.Tensor, grid: TileGrid) -> torch.Tensor:
         """One image's per-patch maps -> its map over the fitted image (with per-position statistics:
         a z-score per pixel against the good images' maps)."""
@@ -304,11 +318,7 @@ class Scorer:
         forward that gives the score (the map op returns R and the map together)."""
         patch_r, cells = self._patch_outputs(batch.tiles, maps=True)
         scores = self._image_scores(patch_r, batch)
-        out = []
-        for score, grid, cell in zip(scores, batch.grids, batch.split(cells) if cells is not None else []):
-            anomaly_map = to_native(self.fitted_map(cell, grid), grid, self.spec)
-            out.append(Inspection(float(score), anomaly_map, hottest_region(anomaly_map)))
-        return out
+        return [self.inspection(score, cell, grid) for score, grid, cell in zip(scores, batch.grids, batch.split(cells))]
 
     def raw_position_outputs(self, batch: TileBatch) -> tuple[np.ndarray, np.ndarray]:
         """For fitting per-position statistics on good images of one working size: their patch R-scores

@@ -42,9 +42,13 @@ class ScoredBatch:
     score_s: float = 0.0
 
 
-def r_scores(scorer, inputs) -> np.ndarray:
-    """R of every input in one pass (the Scorer's own chunking set to the whole batch)."""
-    return np.asarray(scorer.r_scores(inputs, batch_size=max(1, len(inputs))), dtype=np.float64)
+def r_scores(scorer, inputs) -> tuple[np.ndarray, list | None]:
+    """R of every input in one pass, and each frame's per-patch maps from the same pass when the
+    scorer gives them (Scorer.scores_and_cells; None otherwise)."""
+    if hasattr(scorer, "scores_and_cells"):
+        r, cells = scorer.scores_and_cells(inputs)
+        return np.asarray(r, dtype=np.float64), cells
+    return np.asarray(scorer.r_scores(inputs, batch_size=max(1, len(inputs))), dtype=np.float64), None
 
 
 def _r_one_by_one(scorer, inputs, n: int) -> tuple[np.ndarray, dict[int, str]]:
@@ -52,7 +56,7 @@ def _r_one_by_one(scorer, inputs, n: int) -> tuple[np.ndarray, dict[int, str]]:
     r, errors = np.full(n, np.nan), {}
     for i in range(n):
         try:
-            r[i] = r_scores(scorer, inputs[i : i + 1])[0]
+            r[i] = r_scores(scorer, inputs[i : i + 1])[0][0]
         except Exception as exc:  # noqa: BLE001
             errors[i] = f"{type(exc).__name__}: {exc}"
     return r, errors
@@ -67,13 +71,14 @@ def score_batch(scorer, calibration: Calibration, batch: DecodedBatch) -> Scored
         return out
     t0 = time.perf_counter()
     n = len(batch.frames)
+    cells = None
     try:
-        r, errors = r_scores(scorer, batch.inputs), {}
+        (r, cells), errors = r_scores(scorer, batch.inputs), {}
         if len(r) != n:
             raise ValueError(f"the scorer returned {len(r)} R-scores for {n} frames")
     except Exception as exc:  # noqa: BLE001 - isolate the frame(s) that make scoring fail
         log.warning("scoring a batch of %d failed (%s); scoring its frames one by one", n, exc)
-        r, errors = _r_one_by_one(scorer, batch.inputs, n)
+        (r, errors), cells = _r_one_by_one(scorer, batch.inputs, n), None
     ok = []
     for i in range(n):
         if i in errors:
@@ -91,18 +96,23 @@ def score_batch(scorer, calibration: Calibration, batch: DecodedBatch) -> Scored
                 meta=meta, r=float(r[ok[j]]), z=float(d.z[j]), log_a=float(d.log_a[j]), p_value=float(d.p_value[j]),
                 anomaly=bool(d.anomaly[j]), threshold=float(d.threshold[j]),
             ))
-        _locate(scorer, batch, [ok[j] for j in np.flatnonzero(d.anomaly)], [f for f in out.scored if f.anomaly])
+        _locate(scorer, batch, cells, [ok[j] for j in np.flatnonzero(d.anomaly)], [f for f in out.scored if f.anomaly])
     out.score_s = time.perf_counter() - t0
     return out
 
 
-def _locate(scorer, batch: DecodedBatch, rows: list[int], frames: list[ScoredFrame]) -> None:
-    """Where in each anomalous frame: its anomaly map and hottest region (a second pass over those
-    frames only, so normal frames cost nothing; alerts are rare). A failure costs only the region."""
+def _locate(scorer, batch: DecodedBatch, cells: list | None, rows: list[int], frames: list[ScoredFrame]) -> None:
+    """Where in each anomalous frame: its anomaly map and hottest region, stitched from the per-patch
+    maps of the scoring pass (only for alerts: normal frames cost nothing more). A scorer that gave no
+    maps (an exported graph) goes over those frames once more. A failure costs only the region."""
     if not rows or not hasattr(scorer, "inspect_tiles"):
         return
     try:
-        for frame, inspection in zip(frames, scorer.inspect_tiles(batch.inputs.select(rows))):
+        if cells is not None:
+            located = [scorer.inspection(f.r, cells[i], batch.inputs.grids[i]) for i, f in zip(rows, frames)]
+        else:
+            located = scorer.inspect_tiles(batch.inputs.select(rows))
+        for frame, inspection in zip(frames, located):
             frame.inspection = inspection
     except Exception as exc:  # noqa: BLE001 - the alert goes out without its region
         log.warning("locating %d anomalies failed (%s: %s); their alerts go out without a region", len(rows),
