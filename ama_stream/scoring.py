@@ -295,8 +295,8 @@ class Scorer:
         """Image scores and, from the same forward, each image's per-patch maps (the critic's
         resolution, small), for `inspection` of the few that alert. The torch runtime gives both in
         one pass (ops.pair_rscore_map); an exported graph gives scores only (cells None)."""
-        if self.graph is not None:
-            return self.score_tiles(batch), None
+        if self.graph is not None or not isinstance(batch, TileBatch):  # a bare input tensor: scores only
+            return self.r_scores(batch, batch_size=max(1, len(batch))), None
         patch_r, cells = self._patch_outputs(batch.tiles, maps=True)
         return self._image_scores(patch_r, batch), batch.split(cells)
 
