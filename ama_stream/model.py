@@ -1,6 +1,6 @@
 """The AMA networks as plain nn.Modules: Encoder E, Generator G, Discriminator D.
 
-Architecture follows DESIGN.md section 3 (the paper's SNGAN ResNets, resolved against the
+Architecture follows the paper (its SNGAN ResNets, resolved against the
 authors' code). Image size is any power of two >= 16; each doubling beyond 32 adds one
 down block to E and D and one up block to G. This module imports only torch.
 """

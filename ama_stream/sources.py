@@ -1,6 +1,6 @@
 """Image data sources (`FORMAT:ROOT`): parsing, and reading lazily (runtime) or in bulk (training).
 
-Formats (DESIGN.md section 5):
+Formats (README, "Data sources are written FORMAT:ROOT"):
 
   idx     an MNIST-family directory: `{train,t10k}-{images-idx3,labels-idx1}-ubyte`, gzipped or plain.
   folder  one subfolder per class holding PNG/JPEG/BMP files (searched recursively inside a class

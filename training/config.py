@@ -3,7 +3,7 @@
 Every component of the method is a switch here so the paper's ablations (Table 1 bottom,
 Table 3) are configs, not code: the mirrored pair, spectral norm, gradient penalty, simplex
 interpolation, atypical negatives (mode, direction, radius) and the latent regulariser.
-Defaults are the paper's hyperparameters (DESIGN.md section 3).
+Defaults are the paper's hyperparameters (docs/training.md says where the code departs from them).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class InterpolationSection(Section):
     k: int = Field(3, ge=2)  # codes mixed per interpolant
     alpha_max: float = Field(0.5, gt=0)  # alpha_i ~ U(0, alpha_max), weights alpha_i / sum(alpha)
     weight: float = Field(0.5, ge=0)  # lambda_inter
-    # own: the interpolant is paired with its first source x, (x, G(sum w_i e_i)) as in DESIGN.md;
+    # own: the interpolant is paired with its first source x, (x, G(sum w_i e_i)) as the paper describes it;
     # all: with each of its k sources, averaged (the authors' code; k times the critic work)
     pair_with: Literal["own", "all"] = "own"
 

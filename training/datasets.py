@@ -1,4 +1,4 @@
-"""The paper's evaluation protocols (DESIGN.md section 4) on top of ama_stream.sources.
+"""The paper's evaluation protocols (paper section 4.1) on top of ama_stream.sources.
 
 cross       every class of data.normal is normal (or data.normal.classes); test = the normal test split
             + anomalies from data.anomaly's test split, sampled to anomaly_fraction x the normal test count.

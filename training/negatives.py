@@ -1,6 +1,6 @@
 """Atypical selection: latent codes away from where the encoder puts normal data.
 
-Modes (DESIGN.md section 3):
+Modes:
 - shell:    between the spheres of radii r and r(1 -/+ delta): a uniform direction and a radius uniform
             in that interval (radial: uniform, the paper's "uniformly between spheres"), or uniform over
             the shell's volume (radial: volume; in nz >= 64 that is nearly the outer sphere, i.e. the

@@ -1,4 +1,4 @@
-"""`ama-stream serve`: the long-running Kafka scoring agent (flags are a contract, DESIGN.md section 5)."""
+"""`ama-stream serve`: the long-running Kafka scoring agent (its flags are a contract: docs/operations.md)."""
 from __future__ import annotations
 
 import argparse

@@ -180,7 +180,7 @@ def test_agent_yaml_documents_every_setting_with_its_default():
 
 
 def test_serve_and_produce_accept_the_contract_flags():
-    """The flags of DESIGN.md section 5: scripts outside the project drive the agent with them."""
+    """The documented flags of `serve`: scripts outside the project drive the agent with them."""
     from ama_stream.cli import _build_parser
 
     serve_args = _build_parser("serve").parse_args([
