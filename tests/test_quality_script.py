@@ -48,6 +48,21 @@ def test_rows_hold_ama_holdout_and_baselines(quality, monkeypatch, tmp_path):
         assert r["pca"]["k"] in (16, 32, 64) and 0.0 <= r["pca"]["auroc"] <= 1.0
         assert r["autoencoder"]["steps"] == 3 and 0.0 <= r["autoencoder"]["auroc"] <= 1.0
     assert (tmp_path / "runs" / "fmnist_vs_mnist_cpu-tiny-seed1" / "model.pt").is_file()
+    # values, not ranges: PCA separates Fashion-MNIST from digits well, and the row's AUROC is the one
+    # the saved model gives when scored again on the same test images
+    assert all(r["pca"]["auroc"] > 0.85 for r in rows), [r["pca"]["auroc"] for r in rows]
+    from sklearn.metrics import roc_auc_score
+
+    from ama_stream.checkpoint import load_checkpoint
+    from ama_stream.scoring import Scorer
+    from training.config import TrainConfig
+    from training.datasets import build_test_set
+
+    ckpt = load_checkpoint(tmp_path / "runs" / "fmnist_vs_mnist_cpu-tiny-seed1" / "model.pt")
+    cfg = TrainConfig.model_validate(ckpt.train_config)
+    test = build_test_set(cfg.data, cfg.data_root, 1)
+    rescored = roc_auc_score(test.labels, Scorer(ckpt, "cpu").r_scores(test.images))
+    assert rescored == pytest.approx(rows[1]["auroc_r"], abs=1e-9)
     assert (tmp_path / "results.md").read_text().count("| fmnist_vs_mnist_cpu | tiny |") == 2
 
 
