@@ -133,6 +133,6 @@ setup(
     entry_points={"console_scripts": ["ama-stream = ama_stream.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    package_data={"ama_stream": ["py.typed"]},
+    package_data={"ama_stream": ["py.typed"], "ama_stream.view": ["page.html"]},
     zip_safe=False,
 )

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("ama_stream.commands.export", "export the scoring graph (images -> R) to ONNX or OpenVINO"),
     "produce": ("ama_stream.commands.produce", "publish image frames from a data source to Kafka"),
     "demo": ("training.commands.demo", "end-to-end demo on an embedded broker"),
+    "view": ("ama_stream.commands.view", "a live web page of the alerts: frames, regions, maps, rates, drift"),
     "broker": ("ama_stream.commands.broker", "run the embedded Kafka-protocol broker (tansu): IN MEMORY, for trials "
                "only (a restart loses every topic and reuses offsets)"),
 }

@@ -12,7 +12,7 @@ from ama_stream.calibration import Calibration
 from ama_stream.drift import CameraDrift, DriftBand, DriftMonitor
 
 from .decode import DecodedBatch
-from .metrics import AgentMetrics
+from .metrics import AgentMetrics, camera_label
 from .score import ScoredBatch
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ class Accounting:
         alerts = sum(f.anomaly for f in result.scored)
         m.frames.inc(len(result.scored))
         m.alerts.inc(alerts)
+        for f in result.scored:
+            if f.anomaly:
+                m.camera_alerts.labels(camera=camera_label(m, f.meta.camera_id)).inc()
         for rej in result.rejected:
             m.dead_lettered.labels(reason=rej.reason).inc()
         self._misfit(batch)

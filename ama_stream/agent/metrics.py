@@ -31,6 +31,10 @@ class AgentMetrics:
             "ama_frames_resized", "Frames that did not enter the model as they were, by reason (padded, resized, "
             "channels)", ["reason"], registry=r)
         self.alerts = Counter("ama_alerts", "Frames judged anomalous (alerts published)", registry=r)
+        self.camera_alerts = Counter(
+            "ama_camera_alerts", "Alerts per camera (the first MAX_CAMERA_LABELS cameras by name; the rest count as "
+            "camera=\"other\", so an outsider's camera ids cannot grow the label set)", ["camera"], registry=r)
+        self._alert_cameras: set[str] = set()
         self.dead_lettered = Counter(
             "ama_frames_dead_lettered", "Frames sent to the dead-letter topic", ["reason"], registry=r
         )
@@ -79,6 +83,22 @@ class AgentMetrics:
                                   ["camera"], registry=r)
         self.drift_alert_rate = Gauge("ama_drift_alert_rate", "Share of a camera's recent frames judged anomalous",
                                       ["camera"], registry=r)
+
+
+MAX_CAMERA_LABELS = 1000
+
+
+def camera_label(metrics: "AgentMetrics", camera: str | None) -> str:
+    """The `camera` label of a per-camera metric: the id for the first MAX_CAMERA_LABELS cameras seen,
+    "other" after that (ids are outsider input), "none" without one; long ids are cut to 128 characters."""
+    name = "none" if camera is None else camera[:128]
+    known = metrics._alert_cameras
+    if name in known:
+        return name
+    if len(known) >= MAX_CAMERA_LABELS:
+        return "other"
+    known.add(name)
+    return name
 
 
 class Health:

@@ -87,6 +87,8 @@ def test_demo_on_real_data_prints_its_summary(trained_checkpoint, demo_cache, da
     precision = float(re.search(r"precision\s+([0-9.]+)", out).group(1))
     assert recall > 0.2 and precision > 0.3, out
     assert re.search(r"latency p50 / p99\s+\d+ ms / \d+ ms", out)
+    assert re.search(r"alert page\s+http://127\.0\.0\.1:\d+/", out) and "kcat -b 127.0.0.1:" in out
+    assert re.search(r"training report\s+\S+/run-[0-9a-f]{12}/report\.html", out)  # beside the model it names
     # the agent ran with the demo's calibration file, fitted for this very model
     path = re.search(r"calibration\s+(\S+\.json) \(two-sided", out).group(1)
     calibration = load_calibration(path, load_checkpoint(trained_checkpoint).model_id)

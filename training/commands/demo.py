@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -44,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrain", action="store_true", help="train a fresh model even if one is cached")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--view-port", type=int, default=0,
+                   help="port of the live alert page on 127.0.0.1 (default 0: any free port; -1: no page)")
 
 
 # --------------------------------------------------------------------------- data
@@ -267,7 +270,10 @@ def summarize(truth: list[tuple[str, int, str]], scores: ScoreLog, seconds: floa
     }
 
 
-def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path, calibration: Path) -> dict:
+def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path, calibration: Path,
+           finish: Callable[[dict], None]) -> dict:
+    """Streams the frames through the agent on an embedded broker; `finish(summary)` runs while the
+    broker (and the alert page) are still up."""
     from ama_stream.agent.broker import EMBEDDED_CONSUMER, EmbeddedBroker
     from ama_stream.agent.feed import mixed_items, publish_items, truth_row
     from ama_stream.agent.kafka_io import ensure_topics, make_producer
@@ -281,9 +287,10 @@ def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path, calibrat
         print(f"embedded Kafka broker (tansu) on {broker.bootstrap}: in memory, for trials only "
               "(a restart loses its topics and reuses offsets)", file=sys.stderr)
         kafka = KafkaSection(bootstrap_servers=broker.bootstrap)
-        ensure_topics(kafka, {"frames": 4, "scores": 1, "alerts": 1, "frames-dlq": 1})
+        ensure_topics(kafka, {"frames": 4, "scores": 1, "alerts": 1, "frames-dlq": 1, "maps": 1})
         settings = load_settings(AgentSettings, None, {
             "kafka": {"bootstrap_servers": broker.bootstrap}, "device": args.device, "consumer": EMBEDDED_CONSUMER,
+            "topics": {"maps": "maps"},
             "metrics": {"port": 0}, "max_frames": args.frames, "group_id": "demo", "calibration": str(calibration),
             # the injected anomaly share is far above any false-alarm rate, so the drift monitor
             # would rightly warn on every camera; the demo shows detection, not drift
@@ -300,6 +307,13 @@ def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path, calibrat
             time.sleep(0.05)
         print(f"agent ready (model {ckpt.model_id}, metrics on http://127.0.0.1:{agent.metrics_port}/metrics); "
               f"streaming {args.frames} frames at {args.rate:.0f}/s from {len(CAMERAS)} cameras", file=sys.stderr)
+        page = None
+        if args.view_port >= 0:
+            from ama_stream.view import AlertPage
+
+            page = AlertPage(kafka, "alerts", "maps", metrics_url=f"http://127.0.0.1:{agent.metrics_port}",
+                             port=args.view_port).start()
+            print(f"alert page: {page.url} (the alerts with their frames and anomaly maps)", file=sys.stderr)
 
         scores, stop = ScoreLog(), threading.Event()
         collector = threading.Thread(target=collect_scores, args=(broker.bootstrap, "scores", scores, stop), daemon=True)
@@ -329,6 +343,13 @@ def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path, calibrat
             agent_thread.join(30)
         summary = summarize(truth, scores, max(scores.last_arrival - started, 1e-9))
         summary["dead_lettered"] = agent.stats.dead_lettered
+        summary["bootstrap"] = broker.bootstrap
+        summary["page"] = page.url if page else None
+        try:
+            finish(summary)
+        finally:
+            if page is not None:
+                page.close()
         return summary
 
 
@@ -347,6 +368,10 @@ def print_summary(summary: dict, data: DemoData, ckpt, calibration: Path, model_
     print(f"  false-alarm rate   {summary['false_alarm_rate']:.4f} of normal frames")
     print(f"  latency p50 / p99  {summary['latency_p50_ms']:.0f} ms / {summary['latency_p99_ms']:.0f} ms "
           "(camera timestamp to score record received)")
+    if summary.get("page"):
+        print(f"  alert page         {summary['page']}")
+    print(f"  read the alerts with any Kafka client, e.g. kcat (librdkafka >= 2.2; Debian 12's kcat bundles 2.0.2, "
+          f"which this embedded broker's replies confuse):\n    kcat -b {summary['bootstrap']} -C -t alerts -e -q")
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
@@ -365,6 +390,14 @@ def run(args: argparse.Namespace) -> int:
     data = demo_data(args, cache)
     ckpt = demo_model(args, cache, data)
     calibration = demo_calibration(ckpt, data, cache, args.device, args.seed)
-    summary = stream(args, ckpt, data, cache, calibration)
-    print_summary(summary, data, ckpt, calibration, demo_model_path(args, cache, data))
+    def finish(summary: dict) -> None:
+        print_summary(summary, data, ckpt, calibration, demo_model_path(args, cache, data))
+        if summary.get("page") and sys.stdin.isatty():  # someone is watching: keep the page and broker up
+            print("\nthe alert page and the broker stay up until Ctrl-C", flush=True)
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                pass
+
+    summary = stream(args, ckpt, data, cache, calibration, finish)
     return 0 if summary["frames_scored"] == summary["frames_sent"] else 1
