@@ -35,9 +35,8 @@ from torch import nn
 from .checkpoint import Checkpoint, load_checkpoint
 from .model import AMA, bake_spectral_norm, stacked_pairs
 from .ops import pair_rscore_reference
-from .runtimes import EXPORT_FORMATS, INPUT_KINDS, RuntimeUnavailable, require  # noqa: F401
+from .runtimes import EXPORT_FORMATS, GRAPH_FORMAT, INPUT_KINDS, RuntimeUnavailable, require  # noqa: F401
 
-GRAPH_FORMAT = "ama-stream/score-graph"
 GRAPH_VERSION = 1
 OPSET = 18
 
@@ -85,7 +84,7 @@ def example_input(checkpoint: Checkpoint, input_kind: str, batch: int = 2) -> to
     return torch.rand(batch, c, s, s, generator=gen) * 2 - 1
 
 
-def _onnx_proto(checkpoint: Checkpoint, input_kind: str):
+def onnx_proto(checkpoint: Checkpoint, input_kind: str = "float"):
     """The ONNX ModelProto of the checkpoint's ScoreGraph, with ama_stream metadata."""
     onnx = require("onnx", "exporting to ONNX")
     require("onnxscript", "exporting to ONNX (torch.onnx's exporter)")
@@ -150,7 +149,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | os.PathLike, input_kind: str 
     onnx = require("onnx", "exporting to ONNX")
     out = Path(out)
     _check_out(out)
-    proto = _onnx_proto(checkpoint, input_kind)
+    proto = onnx_proto(checkpoint, input_kind)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
     os.close(fd)
     try:
@@ -173,7 +172,7 @@ def export_openvino(checkpoint: Checkpoint, out: str | os.PathLike, input_kind: 
     if out.suffix != ".xml":
         raise ValueError(f"cannot write {out}: an OpenVINO IR is an .xml file (its weights go beside it as .bin)")
     _check_out(out)
-    proto = _onnx_proto(checkpoint, input_kind)
+    proto = onnx_proto(checkpoint, input_kind)
     parent = out.parent if str(out.parent) else Path(".")
     with tempfile.TemporaryDirectory(prefix=f".{out.stem}.", dir=parent) as tmp:
         onnx_path = Path(tmp) / "graph.onnx"

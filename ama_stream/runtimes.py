@@ -1,6 +1,6 @@
 """Scorer backends that run the exported scoring graph (ama_stream.export) with ONNX Runtime or OpenVINO.
 
-    session = open_runtime("onnxruntime", checkpoint)                  # exports the graph in memory first
+    session = open_runtime("onnxruntime", checkpoint, export=lambda: onnx_proto(checkpoint))  # exported in memory
     session = open_runtime("openvino", checkpoint, "model.xml")        # or runs an exported file (.onnx/.xml)
     r, features = session.run(x)                                       # x: the graph's input as numpy
 
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+GRAPH_FORMAT = "ama-stream/score-graph"  # the metadata mark of a graph written by ama_stream.export
 
 if TYPE_CHECKING:  # torch and the exporter load on first use: the CLI's parsers import this module
     import torch
@@ -90,8 +92,6 @@ class GraphSession:
 
 
 def _check_metadata(metadata: dict[str, str], checkpoint: Checkpoint, origin: str) -> None:
-    from .export import GRAPH_FORMAT
-
     if metadata.get("format") != GRAPH_FORMAT:
         raise ValueError(f"{origin}: not an ama-stream scoring graph (no {GRAPH_FORMAT!r} metadata; "
                          "write it with ama-stream export)")
@@ -169,18 +169,18 @@ def _openvino_ir_metadata(model) -> dict[str, str]:
 
 
 def open_runtime(runtime: str, checkpoint: Checkpoint, model_file: str | os.PathLike | None = None,
-                 threads: int | None = None, input_kind: str = "float") -> GraphSession:
+                 threads: int | None = None, export=None) -> GraphSession:
     """A session of `runtime` for the checkpoint: its exported graph from `model_file` (.onnx, or .xml
-    for openvino), else exported now in memory (a few seconds) with `input_kind`."""
-    from .export import _onnx_proto
-
+    for openvino), else `export()` -> the ONNX ModelProto made now in memory (ama_stream.export)."""
     check_runtime(runtime)
     if runtime == "torch":
         raise ValueError("the torch runtime runs the checkpoint itself, not an exported graph")
     # the runtime's own package first: a missing runtime is the first thing to say
     require("onnxruntime" if runtime == "onnxruntime" else "openvino", f"runtime {runtime}")
     if model_file is None:
-        proto = _onnx_proto(checkpoint, input_kind)
+        if export is None:
+            raise ValueError("no runtime model file and nothing to export one with")
+        proto = export()
         meta = {p.key.removeprefix("ama_stream."): p.value for p in proto.metadata_props}
         origin = f"graph exported from {checkpoint.model_id}"
         if runtime == "onnxruntime":

@@ -152,9 +152,11 @@ class Scorer:
             self._critic_map = torch.compile(self._critic_map_eager, mode=compile_mode, dynamic=False, fullgraph=True)
         self.graph = None
         if runtime != "torch":
+            from .export import onnx_proto  # the exporter (and onnx) load only for these runtimes
             from .runtimes import open_runtime
 
-            self.graph = open_runtime(runtime, self.checkpoint, runtime_model, runtime_threads)
+            self.graph = open_runtime(runtime, self.checkpoint, runtime_model, runtime_threads,
+                                      export=lambda: onnx_proto(self.checkpoint))
         log.debug(
             "scorer on %s: runtime=%s channels_last=%s precision=%s compile_mode=%s ops backend=%s",
             self.device, runtime, self.channels_last, precision, compile_mode, ops.backend(self.device),

@@ -236,7 +236,7 @@ def test_unwritable_out_is_refused_before_any_work(checkpoint, tmp_path, monkeyp
     """The folder is tried with a real file first: no export runs when the result could not be saved."""
     import ama_stream.export as export
 
-    monkeypatch.setattr(export, "_onnx_proto", lambda *a: pytest.fail("exported before checking --out"))
+    monkeypatch.setattr(export, "onnx_proto", lambda *a: pytest.fail("exported before checking --out"))
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="cannot write"):
         export.export_model(checkpoint, "onnx", tmp_path / "file" / "m.onnx")

@@ -21,7 +21,7 @@ from ama_stream.tiling import TileBatch, tile_fitted
 
 from .fetch_guard import UnreadableRecord
 from .frames import FrameError, FrameLimits, decode_frame
-from .records import FrameMeta
+from .envelope import FrameMeta
 
 
 @dataclass

@@ -24,7 +24,7 @@ from kafka.structs import TopicPartition
 from .fetch_guard import FetchGuard, UnreadableRecord
 from .frames import FrameError, FrameLimits, decode_frame
 from .kafka_io import build_client, describe
-from .records import FrameMeta
+from .envelope import FrameMeta
 from .settings import KafkaSection
 
 log = logging.getLogger(__name__)

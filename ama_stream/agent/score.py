@@ -18,7 +18,7 @@ from ama_stream.calibration import Calibration
 from ama_stream.scoring import Inspection
 
 from .decode import DecodedBatch, Rejected
-from .records import FrameMeta
+from .envelope import FrameMeta
 
 log = logging.getLogger(__name__)
 

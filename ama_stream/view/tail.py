@@ -20,7 +20,7 @@ from PIL import Image
 from ama_stream.agent.fetch_guard import FetchGuard, UnreadableRecord
 from ama_stream.agent.frames import FrameError, FrameLimits, decode_frame
 from ama_stream.agent.kafka_io import build_client, describe
-from ama_stream.agent.records import FrameMeta
+from ama_stream.agent.envelope import FrameMeta
 from ama_stream.agent.settings import KafkaSection
 
 from .board import Board

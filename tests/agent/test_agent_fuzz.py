@@ -13,7 +13,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 from PIL import Image
 
 from ama_stream.agent.frames import FrameError, FrameLimits, decode_frame
-from ama_stream.agent.records import MAX_HEADER_BYTES, MAX_HEADERS_BYTES, FrameMeta, encode_record, score_record
+from ama_stream.agent.envelope import MAX_HEADER_BYTES, MAX_HEADERS_BYTES, FrameMeta
+from ama_stream.agent.records import encode_record, score_record
 from ama_stream.calibration import CalibrationError, parse_calibration
 
 # derandomize: the same examples on every run, so CI is reproducible (run with --hypothesis-seed=N to explore)

@@ -8,7 +8,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import InvalidRecordError, KafkaConnectionError, MessageSizeTooLargeError
 
 from ama_stream.agent.publish import MAX_REFUSALS, OutMessage, Publisher
-from ama_stream.agent.records import MAX_HEADER_BYTES, FrameMeta
+from ama_stream.agent.envelope import MAX_HEADER_BYTES, FrameMeta
 from ama_stream.agent.settings import RetrySection
 
 
