@@ -152,14 +152,6 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return t.float().div_(127.5).sub_(1.0)
 
 
-def prepare_batch(images: list[np.ndarray] | np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
-    """Decoded images (any sizes) -> model input [N, C, S, S]."""
-    fitted = np.stack([fit_image(img, spec) for img in images]) if len(images) else np.zeros(
-        (0, spec.image_size, spec.image_size, spec.channels), dtype=np.uint8
-    )
-    return to_tensor(fitted)
-
-
 def native_shape(img: np.ndarray) -> tuple[int, int, int]:
     """(height, width, channels) of a decoded image as it arrived."""
     return (int(img.shape[0]), int(img.shape[1]), int(img.shape[2]) if img.ndim == 3 else 1)

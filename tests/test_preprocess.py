@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ama_stream.preprocess import PreprocessSpec, fit_image, prepare_batch, to_tensor
+from ama_stream.preprocess import PreprocessSpec, fit_image, to_tensor
 
 
 def test_mnist_sized_images_are_zero_padded_centred():
@@ -36,13 +36,6 @@ def test_scaling_to_minus_one_one():
     t = to_tensor(imgs)
     assert t.shape == (1, 1, 1, 2)
     assert t.min().item() == -1.0 and t.max().item() == 1.0
-
-
-def test_prepare_batch_of_mixed_sizes_and_empty():
-    spec = PreprocessSpec(image_size=32, channels=1)
-    batch = prepare_batch([np.zeros((28, 28), np.uint8), np.zeros((100, 80, 3), np.uint8)], spec)
-    assert tuple(batch.shape) == (2, 1, 32, 32)
-    assert tuple(prepare_batch([], spec).shape) == (0, 1, 32, 32)
 
 
 @pytest.mark.parametrize(

@@ -109,11 +109,6 @@ def full_metrics(r: np.ndarray, labels: np.ndarray, calibration: Calibration, se
     return {**detection_metrics(r, labels, calibration), **operating_points(r, labels, calibration.model_id, seed)}
 
 
-def evaluate_scorer(scorer: Scorer, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> dict:
-    r = scorer.r_scores(images, batch_size)
-    return full_metrics(r, labels, Calibration.from_checkpoint(scorer.checkpoint))
-
-
 def human_table(metrics: dict) -> str:
     """A short table for a person (stderr), beside the JSON line for scripts (stdout). The recall rows
     use thresholds fitted on held-out normals: two-sided |z| for the A-score, upper z for R."""

@@ -126,8 +126,3 @@ def write_truth(path: str | os.PathLike, rows: Iterable[tuple[str, int, str]]) -
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows(rows)
     atomic_write_bytes(Path(path), out.getvalue().encode())
-
-
-def read_truth(path: str | os.PathLike) -> dict[str, bool]:
-    with open(path, newline="") as f:
-        return {row["frame_id"]: row["anomaly"] == "1" for row in csv.DictReader(f)}

@@ -144,10 +144,6 @@ class Agent:
     def calibration(self) -> Calibration:
         return self.models.current.calibration
 
-    def use_calibration(self, calibration: Calibration) -> None:
-        """Swap the decision rule; takes effect from the next batch (any thread may call this)."""
-        self.models.use(calibration)
-
     @property
     def control_topic(self) -> ControlTopic | None:
         return self.models.control_topic
