@@ -15,22 +15,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from . import ops
 from .checkpoint import Checkpoint, load_checkpoint
 from .model import bake_spectral_norm, stacked_pairs
 from .runtimes import check_runtime
-from .preprocess import FitTally, fit_image, native_shape, to_tensor
-from .tiling import TileBatch, TileGrid, image_scores, stitch, tile_fitted, tile_images, to_native
+from .preprocess import fit_image, to_tensor
+from .tiling import TileBatch, TileGrid, hottest_region, image_scores, stitch, tile_fitted, tile_images, to_native
 from .progress import progress
-
-if TYPE_CHECKING:
-    from .calibration import CalibrationFitter
 
 log = logging.getLogger(__name__)
 
@@ -378,42 +373,3 @@ class Scorer:
                 if bar is not None:
                     bar.update(len(out[-1]))
         return np.concatenate(out) if out else np.zeros(0)
-
-
-def hottest_region(anomaly_map: np.ndarray, level: float = 0.5) -> tuple[int, int, int, int]:
-    """(x, y, w, h) in the map's pixels: the bounding box of the connected area around the map's
-    maximum where the map is at least `level` of the way from its median to that maximum."""
-    peak = np.unravel_index(int(np.argmax(anomaly_map)), anomaly_map.shape)
-    top, base = float(anomaly_map[peak]), float(np.median(anomaly_map))
-    hot = anomaly_map >= base + level * (top - base)
-    labels, _ = ndimage.label(hot)
-    ys, xs = np.nonzero(labels == labels[peak])
-    return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
-
-
-def score_frames(scorer: Scorer, frames: Iterable[tuple[np.ndarray, str | None]], fitter: CalibrationFitter,
-                 batch_size: int = 256, limit: int | None = None) -> FitTally:
-    """Scores (image, camera id) pairs in batches into `fitter`, at most `limit`, with progress.
-    Returns the tally of frames that did not fit the model as they were (size, channels)."""
-    tally = FitTally(scorer.spec)
-    images: list[np.ndarray] = []
-    cameras: list[str | None] = []
-
-    def flush() -> None:
-        if images:
-            fitter.update(scorer.score_images(images).r, cameras)
-            bar.update(len(images))
-            images.clear()
-            cameras.clear()
-
-    with progress(total=limit, desc="calibrating", unit="frame") as bar:
-        for count, (image, camera) in enumerate(frames, start=1):
-            tally.add(native_shape(image))
-            images.append(image)
-            cameras.append(camera)
-            if len(images) == batch_size:
-                flush()
-            if limit is not None and count >= limit:
-                break
-        flush()
-    return tally

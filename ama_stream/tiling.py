@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .preprocess import PreprocessSpec, fit_image, fit_reasons, native_shape
 
@@ -164,3 +165,14 @@ def to_native(canvas: torch.Tensor, grid: TileGrid, spec: PreprocessSpec) -> np.
     if tuple(canvas.shape) != (nh, nw):
         canvas = F.interpolate(canvas[None, None], size=(nh, nw), mode="bilinear", align_corners=False)[0, 0]
     return canvas.contiguous().numpy()
+
+
+def hottest_region(anomaly_map: np.ndarray, level: float = 0.5) -> tuple[int, int, int, int]:
+    """(x, y, w, h) in the map's pixels: the bounding box of the connected area around the map's
+    maximum where the map is at least `level` of the way from its median to that maximum."""
+    peak = np.unravel_index(int(np.argmax(anomaly_map)), anomaly_map.shape)
+    top, base = float(anomaly_map[peak]), float(np.median(anomaly_map))
+    hot = anomaly_map >= base + level * (top - base)
+    labels, _ = ndimage.label(hot)
+    ys, xs = np.nonzero(labels == labels[peak])
+    return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)

@@ -9,7 +9,8 @@ import torch
 from ama_stream.checkpoint import Checkpoint
 from ama_stream.model import AMA, ModelConfig
 from ama_stream.preprocess import PreprocessSpec, fit_image
-from ama_stream.scoring import Scorer, hottest_region
+from ama_stream.scoring import Scorer
+from ama_stream.tiling import hottest_region
 from ama_stream.tiling import image_scores, positions, stitch_map, tile_images
 
 SPEC = PreprocessSpec(image_size=16, channels=1, patch_stride=8, scale=0.5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from ama_stream.calibration import (
     CalibrationFitter,
     Policy,
 )
+from ama_stream.preprocess import FitTally, native_shape
+from ama_stream.progress import progress
 from ama_stream.runtimes import add_runtime_options
 
 log = logging.getLogger("ama_stream.calibrate")
@@ -173,7 +175,7 @@ def _kafka_frames(args: argparse.Namespace, stats) -> Iterator[tuple[np.ndarray,
 
 def run(args: argparse.Namespace) -> int:
     from ama_stream.checkpoint import load_checkpoint
-    from ama_stream.scoring import Scorer, score_frames
+    from ama_stream.scoring import Scorer
     from ama_stream.sources import is_kafka_source
 
     kafka = is_kafka_source(args.source)
@@ -251,3 +253,31 @@ def _publish(args: argparse.Namespace, calibration) -> None:
     except KafkaError as exc:
         raise RuntimeError(f"publishing the calibration to {args.publish} failed (the file {args.out} was written): "
                            f"{type(exc).__name__}: {exc}") from None
+
+
+def score_frames(scorer, frames: Iterable[tuple[np.ndarray, str | None]], fitter: CalibrationFitter,
+                 batch_size: int = 256, limit: int | None = None) -> FitTally:
+    """Scores (image, camera id) pairs in batches into `fitter`, at most `limit`, with progress.
+    Returns the tally of frames that did not fit the model as they were (size, channels)."""
+    tally = FitTally(scorer.spec)
+    images: list[np.ndarray] = []
+    cameras: list[str | None] = []
+
+    def flush() -> None:
+        if images:
+            fitter.update(scorer.score_images(images).r, cameras)
+            bar.update(len(images))
+            images.clear()
+            cameras.clear()
+
+    with progress(total=limit, desc="calibrating", unit="frame") as bar:
+        for count, (image, camera) in enumerate(frames, start=1):
+            tally.add(native_shape(image))
+            images.append(image)
+            cameras.append(camera)
+            if len(images) == batch_size:
+                flush()
+            if limit is not None and count >= limit:
+                break
+        flush()
+    return tally

@@ -175,7 +175,8 @@ def demo_model_path(args: argparse.Namespace, cache: Path, data: DemoData) -> Pa
 def demo_calibration(ckpt, data: DemoData, cache: Path, device: str, seed: int) -> Path:
     """The calibration file the agent runs with, fitted as `ama-stream calibrate` does."""
     from ama_stream.calibration import CalibrationFitter, Policy
-    from ama_stream.scoring import Scorer, score_frames
+    from ama_stream.commands.calibrate import score_frames
+    from ama_stream.scoring import Scorer
     from ama_stream.sources import iter_images, parse_source
 
     path = cache / f"calibration-{ckpt.model_id}.json"
