@@ -24,7 +24,8 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .model import bake_spectral_norm, stacked_pairs
 from .runtimes import check_runtime
 from .preprocess import fit_image, to_tensor
-from .tiling import TileBatch, TileGrid, hottest_region, image_scores, stitch, tile_fitted, tile_images, to_native
+from .tiling import (TileBatch, TileGrid, hottest_region, image_scores, scale_region, stitch, tile_fitted, tile_images,
+                     to_native)
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": t
 @dataclass
 class Inspection:
     """What the Scorer sees in one image: its score (as Scores.r), the anomaly map float32 [H, W] at
-    the image's own size (higher = more anomalous), and the (x, y, w, h) box of its hottest region."""
+    the image's own size or shrunk to a bounded side (higher = more anomalous; same aspect), and the
+    (x, y, w, h) box of its hottest region in the image's own pixels."""
 
     score: float
     map: np.ndarray
@@ -297,10 +299,13 @@ class Scorer:
         patch_r, cells = self._patch_outputs(batch.tiles, maps=True)
         return self._image_scores(patch_r, batch), batch.split(cells)
 
-    def inspection(self, score: float, cells: torch.Tensor, grid: TileGrid) -> Inspection:
-        """One image's map at its own size and hottest region, from its per-patch maps."""
-        anomaly_map = to_native(self.fitted_map(cells, grid), grid, self.spec)
-        return Inspection(float(score), anomaly_map, hottest_region(anomaly_map))
+    def inspection(self, score: float, cells: torch.Tensor, grid: TileGrid, max_side: int | None = None) -> Inspection:
+        """One image's map and hottest region, from its per-patch maps. The map is at the image's own
+        size, or with `max_side` no larger than that (the agent: a 4096x4096 frame's map at its own size
+        is 64 MiB of float32 per alert); the region is in the image's own pixels either way."""
+        anomaly_map = to_native(self.fitted_map(cells, grid), grid, self.spec, max_side)
+        region = scale_region(hottest_region(anomaly_map), anomaly_map.shape, grid.native)
+        return Inspection(float(score), anomaly_map, region)
 
     def fitted_map(self, cells: torch.Tensor, grid: TileGrid) -> torch.Tensor:
         """One image's per-patch maps -> its map over the fitted image (with per-position statistics:
@@ -310,12 +315,13 @@ class Scorer:
             canvas = (canvas - self.positions_t["map_mean"]) / self.positions_t["map_std"]
         return canvas
 
-    def inspect_tiles(self, batch: TileBatch) -> list[Inspection]:
-        """Score, anomaly map (at each image's own size) and hottest region per image, from the same
-        forward that gives the score (the map op returns R and the map together)."""
+    def inspect_tiles(self, batch: TileBatch, max_side: int | None = None) -> list[Inspection]:
+        """Score, anomaly map (at each image's own size, or bounded by `max_side`) and hottest region per
+        image, from the same forward that gives the score (the map op returns R and the map together)."""
         patch_r, cells = self._patch_outputs(batch.tiles, maps=True)
         scores = self._image_scores(patch_r, batch)
-        return [self.inspection(score, cell, grid) for score, grid, cell in zip(scores, batch.grids, batch.split(cells))]
+        return [self.inspection(score, cell, grid, max_side)
+                for score, grid, cell in zip(scores, batch.grids, batch.split(cells))]
 
     def raw_position_outputs(self, batch: TileBatch) -> tuple[np.ndarray, np.ndarray]:
         """For fitting per-position statistics on good images of one working size: their patch R-scores

@@ -153,18 +153,38 @@ def stitch_map(cell_maps: torch.Tensor, grid: TileGrid, spec: PreprocessSpec) ->
     return to_native(stitch(cell_maps, grid), grid, spec)
 
 
-def to_native(canvas: torch.Tensor, grid: TileGrid, spec: PreprocessSpec) -> np.ndarray:
+def map_shape(native: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """The size a map of an image of `native` (h, w) is returned at: the native size, or shrunk (same
+    aspect) so its longer side is at most `max_side`."""
+    nh, nw = native
+    factor = 1.0 if max_side is None else min(1.0, max_side / max(nh, nw))
+    return max(1, round(nh * factor)), max(1, round(nw * factor))
+
+
+def to_native(canvas: torch.Tensor, grid: TileGrid, spec: PreprocessSpec, max_side: int | None = None) -> np.ndarray:
     """A map over the fitted image -> float32 [native_h, native_w]: the fit undone (padding dropped,
-    resized to the native size)."""
+    resized to the native size; with `max_side`, to that size shrunk as map_shape says)."""
     nh, nw = grid.native
     if spec.patched and not spec.frame_size:  # padded at the bottom/right only when the scaled image was under one patch
         canvas = canvas[:max(1, round(nh * spec.scale)), :max(1, round(nw * spec.scale))]
     elif "padded" in fit_reasons((nh, nw, spec.channels), spec):  # centred, as fit_image pads
         top, left = (grid.height - nh) // 2, (grid.width - nw) // 2
         canvas = canvas[top:top + nh, left:left + nw]
-    if tuple(canvas.shape) != (nh, nw):
-        canvas = F.interpolate(canvas[None, None], size=(nh, nw), mode="bilinear", align_corners=False)[0, 0]
+    size = map_shape((nh, nw), max_side)
+    if tuple(canvas.shape) != size:
+        canvas = F.interpolate(canvas[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
     return canvas.contiguous().numpy()
+
+
+def scale_region(region: tuple[int, int, int, int], map_size: tuple[int, int],
+                 native: tuple[int, int]) -> tuple[int, int, int, int]:
+    """An (x, y, w, h) box in the pixels of a map of `map_size` (h, w) -> the same box in the image's
+    native pixels (widened outwards to whole pixels, clipped to the image)."""
+    (mh, mw), (nh, nw) = map_size, native
+    x, y, w, h = region
+    x0, y0 = int(np.floor(x * nw / mw)), int(np.floor(y * nh / mh))
+    x1, y1 = min(nw, int(np.ceil((x + w) * nw / mw))), min(nh, int(np.ceil((y + h) * nh / mh)))
+    return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
 
 
 def hottest_region(anomaly_map: np.ndarray, level: float = 0.5) -> tuple[int, int, int, int]:

@@ -10,7 +10,7 @@ from ama_stream.checkpoint import Checkpoint
 from ama_stream.model import AMA, ModelConfig
 from ama_stream.preprocess import PreprocessSpec, fit_image
 from ama_stream.scoring import Scorer
-from ama_stream.tiling import hottest_region
+from ama_stream.tiling import hottest_region, map_shape, scale_region
 from ama_stream.tiling import image_scores, positions, stitch_map, tile_images
 
 SPEC = PreprocessSpec(image_size=16, channels=1, patch_stride=8, scale=0.5)
@@ -81,6 +81,22 @@ def test_whole_image_model_map_undoes_the_fit():
         batch = tile_images([np.zeros(shape, np.uint8)], spec)
         assert batch.grids[0].count == 1
         assert stitch_map(torch.rand(1, 2, 2), batch.grids[0], spec).shape == shape
+
+
+def test_a_bounded_map_keeps_the_aspect_and_its_region_is_in_the_image_pixels():
+    assert map_shape((4096, 2048), 512) == (512, 256) and map_shape((70, 150), 512) == (70, 150)
+    assert scale_region((10, 20, 5, 4), (512, 256), (4096, 2048)) == (80, 160, 40, 32)
+    assert scale_region((250, 500, 6, 12), (512, 256), (4096, 2048)) == (2000, 4000, 48, 96)  # clipped
+    image = np.zeros((1400, 600), np.uint8)
+    image[1000:1100, 100:200] = 255
+    scorer = _scorer(SPEC)
+    full, = scorer.inspect([image])
+    small, = scorer.inspect_tiles(scorer.prepare([image]), max_side=200)
+    assert full.map.shape == (1400, 600) and small.map.shape == map_shape((1400, 600), 200) == (200, 86)
+    assert small.score == pytest.approx(full.score)
+    fx, fy, fw, fh = full.region  # the same box, up to the coarser map's pixels (7 image pixels each)
+    sx, sy, sw, sh = small.region
+    assert abs(fx - sx) <= 8 and abs(fy - sy) <= 8 and abs(fx + fw - sx - sw) <= 8 and abs(fy + fh - sy - sh) <= 8
 
 
 def _scorer(spec: PreprocessSpec) -> Scorer:

@@ -101,6 +101,11 @@ def score_batch(scorer, calibration: Calibration, batch: DecodedBatch) -> Scored
     return out
 
 
+# An alert's map is kept at most this many pixels on its longer side (the region is still in the
+# frame's own pixels): 16 alerts on 4096x4096 frames would otherwise hold 1 GiB of maps.
+ALERT_MAP_SIDE = 512
+
+
 def _locate(scorer, batch: DecodedBatch, cells: list | None, rows: list[int], frames: list[ScoredFrame]) -> None:
     """Where in each anomalous frame: its anomaly map and hottest region, stitched from the per-patch
     maps of the scoring pass (only for alerts: normal frames cost nothing more). A scorer that gave no
@@ -109,9 +114,10 @@ def _locate(scorer, batch: DecodedBatch, cells: list | None, rows: list[int], fr
         return
     try:
         if cells is not None:
-            located = [scorer.inspection(f.r, cells[i], batch.inputs.grids[i]) for i, f in zip(rows, frames)]
+            grids = batch.inputs.grids
+            located = [scorer.inspection(f.r, cells[i], grids[i], ALERT_MAP_SIDE) for i, f in zip(rows, frames)]
         else:
-            located = scorer.inspect_tiles(batch.inputs.select(rows))
+            located = scorer.inspect_tiles(batch.inputs.select(rows), ALERT_MAP_SIDE)
         for frame, inspection in zip(frames, located):
             frame.inspection = inspection
     except Exception as exc:  # noqa: BLE001 - the alert goes out without its region

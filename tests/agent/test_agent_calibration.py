@@ -275,7 +275,8 @@ def test_per_camera_entries_apply_to_their_cameras_only(make_topics, producer, r
         camera = f"cam-{i % 4}"
         entry = shifted if camera == "cam-0" else global_entry
         assert s["camera_id"] == camera
-        assert s["z"] == pytest.approx((r[i] - entry.mu) / entry.sigma, rel=1e-6, abs=1e-6)
+        # float32 R depends on how frames were batched (~1e-6 of z); the entries differ by 50 sigma
+        assert s["z"] == pytest.approx((r[i] - entry.mu) / entry.sigma, rel=1e-5, abs=1e-4)
         assert s["threshold"] == calibration.rule(camera).threshold
         if camera == "cam-0":
             assert s["anomaly"]

@@ -165,7 +165,7 @@ def test_the_frame_decoder_spends_the_batch_budget_in_poll_order():
     records = [ConsumerRecord("frames", 0, -1, 10 + i, 0, 0, b"cam", v, [], None, 0, 0, 0) for i, v in enumerate(values)]
     decoded = FrameDecoder(scorer, limits)(PolledBatch(records, epoch=0))
     assert [m.offset for m in decoded.frames] == [10, 11]
-    assert tuple(decoded.inputs.shape) == (2, 1, 32, 32)
+    assert len(decoded.inputs) == 2 and decoded.inputs.tiles.shape == (2, 32, 32, 1)  # one tile per frame
     assert [(r.meta.offset, r.reason, r.value) for r in decoded.rejected] == [
         (12, "batch-too-many-pixels", values[2]), (13, "batch-too-many-pixels", values[3])]
     assert set(decoded.positions.values()) == {14}

@@ -177,7 +177,8 @@ def test_a_model_message_on_the_control_topic_swaps_the_model(
                            "calibration": str(calibration)}).encode()
 
     runner = agent_threads(topics.settings(random_checkpoint, topics={"calibration": control}, model_reload=True,
-                                           calibration_check_s=0.05, max_frames=60))
+                                           calibration_check_s=0.05, max_frames=60,
+                                           model_dirs=[str(p) for p in (other_checkpoint.parent, tmp_path)]))
     wait_for(lambda: runner.agent.control_topic is not None, 60, "the control topic consumer")
     old_id = models.old.model_id.encode()
     producer.send(control, key=b"another-model", value=message(other_checkpoint, new_cal))  # not ours: skipped
