@@ -53,3 +53,27 @@ def test_librdkafka_frames_in_every_codec_are_scored_and_its_readers_see_the_rec
     assert all(m.key() == b"cam-rdk" and dict(m.headers())["content-type"] == b"application/json" for m in scores)
     alerts = read_with_librdkafka(topics.bootstrap, topics.alerts, runner.agent.stats.alerts, timeout=20)
     assert len(alerts) == runner.agent.stats.alerts  # the agent's lz4 records decode in librdkafka too
+
+
+def test_the_reader_command_the_demo_prints_reads_the_alerts_topic(make_topics, producer):
+    """The demo ends with a kcat command for the alerts topic; run as printed (a shell), it prints the
+    records, also where the installed kcat links a librdkafka older than 2.2 (Debian 12), which the
+    embedded broker's replies confuse: then the command runs it on confluent-kafka's librdkafka."""
+    import shutil
+    import subprocess
+
+    from training.commands.demo import librdkafka_version, reader_command
+
+    if shutil.which("kcat") is None:
+        pytest.skip("kcat is not installed (.ci/run installs it)")
+    topics = make_topics(partitions=1)
+    sent = [json.dumps({"frame_id": f"kc-{i}", "anomaly": True}).encode() for i in range(3)]
+    for value in sent:
+        producer.send(topics.alerts, value=value)
+    producer.flush()
+    command = reader_command(topics.bootstrap, topics.alerts)
+    if librdkafka_version() < (2, 2, 0):
+        assert command.startswith("LD_PRELOAD=")
+    out = subprocess.run(["bash", "-c", command], capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == sent

@@ -354,6 +354,45 @@ def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path, calibrat
         return summary
 
 
+def librdkafka_version(env: dict | None = None) -> tuple[int, ...] | None:
+    """The librdkafka version the `kcat` on PATH runs with (None: no kcat, or it did not say)."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("kcat") is None:
+        return None
+    try:
+        out = subprocess.run(["kcat", "-V"], capture_output=True, text=True, timeout=10, env=env).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"librdkafka (\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(v) for v in found.groups()) if found else None
+
+
+def bundled_librdkafka() -> Path | None:
+    """confluent-kafka's wheel ships its own librdkafka (a current one); None where it is not installed."""
+    try:
+        import confluent_kafka
+    except ImportError:
+        return None
+    libs = Path(confluent_kafka.__file__).resolve().parent.parent / "confluent_kafka.libs"
+    return next(iter(sorted(libs.glob("librdkafka*.so*"))), None)
+
+
+def reader_command(bootstrap: str, topic: str) -> str:
+    """A command that reads `topic` with a non-Python client (kcat). The embedded broker needs
+    librdkafka >= 2.2 (an older one misreads its ApiVersion reply); where the kcat on PATH links an
+    older one (Debian 12's kcat: 2.0.2) and confluent-kafka's wheel is installed, kcat is started on
+    the wheel's librdkafka instead (LD_PRELOAD)."""
+    command = f"kcat -b {bootstrap} -C -t {topic} -e -q"
+    version = librdkafka_version()
+    if version is None or version >= (2, 2, 0):
+        return command
+    bundled = bundled_librdkafka()
+    return f"LD_PRELOAD={bundled} {command}" if bundled else command
+
+
 def print_summary(summary: dict, data: DemoData, ckpt, calibration: Path, model_path: Path) -> None:
     print("\nama-stream demo summary")
     print(f"  data               {data.kind}")
@@ -371,8 +410,8 @@ def print_summary(summary: dict, data: DemoData, ckpt, calibration: Path, model_
           "(camera timestamp to score record received)")
     if summary.get("page"):
         print(f"  alert page         {summary['page']}")
-    print(f"  read the alerts with any Kafka client, e.g. kcat (librdkafka >= 2.2; Debian 12's kcat bundles 2.0.2, "
-          f"which this embedded broker's replies confuse):\n    kcat -b {summary['bootstrap']} -C -t alerts -e -q")
+    print("  read the alerts with any Kafka client (librdkafka >= 2.2, Java, kafka-python), e.g. kcat:\n"
+          f"    {reader_command(summary['bootstrap'], 'alerts')}")
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
