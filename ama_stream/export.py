@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .model import AMA, bake_spectral_norm, stacked_pairs
+from .model import AMA, bake_spectral_norm
 from .ops import pair_rscore_reference
 from .runtimes import EXPORT_FORMATS, GRAPH_FORMAT, INPUT_KINDS, RuntimeUnavailable, require  # noqa: F401
 
@@ -44,12 +44,11 @@ OPSET = 18
 class ScoreGraph(nn.Module):
     """images -> (r [B], features [2B, W]): the torch Scorer's computation as one traceable module."""
 
-    def __init__(self, model: AMA, mirrored: bool, input_kind: str = "float"):
+    def __init__(self, model: AMA, input_kind: str = "float"):
         super().__init__()
         if input_kind not in INPUT_KINDS:
             raise ValueError(f"input kind must be one of {', '.join(INPUT_KINDS)}, got {input_kind!r}")
         self.model = model
-        self.mirrored = mirrored
         self.input_kind = input_kind
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,9 +56,7 @@ class ScoreGraph(nn.Module):
             x = images.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
         else:
             x = images
-        x_hat = self.model.generator(self.model.encoder(x))
-        h = self.model.discriminator.feature_map(stacked_pairs(x, x_hat, self.mirrored))
-        return pair_rscore_reference(h, return_features=True)
+        return pair_rscore_reference(self.model.critic_map(x), return_features=True)
 
 
 def score_graph(checkpoint: Checkpoint, input_kind: str = "float") -> ScoreGraph:
@@ -67,7 +64,7 @@ def score_graph(checkpoint: Checkpoint, input_kind: str = "float") -> ScoreGraph
     model = checkpoint.build_model("cpu")
     with torch.no_grad():
         bake_spectral_norm(model)
-    return ScoreGraph(model.eval(), checkpoint.model.mirrored, input_kind).eval()
+    return ScoreGraph(model.eval(), input_kind).eval()
 
 
 def graph_metadata(checkpoint: Checkpoint, input_kind: str) -> dict[str, str]:

@@ -227,6 +227,12 @@ class AMA(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.generator(self.encoder(x))
 
+    def critic_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The scoring forward, the one place it is written (Scorer, export graph, evaluation): the
+        critic's activation h [2B, W, h, w] for the stacked pairs (x, x) and (x, G(E(x))). R and the
+        anomaly map are reductions of it (ama_stream.ops.pair_rscore / pair_rscore_map)."""
+        return self.discriminator.feature_map(stacked_pairs(x, self.reconstruct(x), self.cfg.mirrored))
+
 
 def bake_spectral_norm(module: nn.Module) -> None:
     """Replace spectral-norm parametrizations by their current (eval) value: same outputs, less work

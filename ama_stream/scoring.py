@@ -21,7 +21,7 @@ import torch
 
 from . import ops
 from .checkpoint import Checkpoint, load_checkpoint
-from .model import bake_spectral_norm, stacked_pairs
+from .model import bake_spectral_norm
 from .runtimes import check_runtime
 from .preprocess import fit_image, to_tensor
 from .tiling import (TileBatch, TileGrid, hottest_region, image_scores, scale_region, stitch, tile_fitted, tile_images,
@@ -143,7 +143,6 @@ class Scorer:
             bake_spectral_norm(model)
         self.model = model.to(self.device, memory_format=self._memory_format).eval()
         self.spec = self.checkpoint.preprocess
-        self.mirrored = self.checkpoint.model.mirrored
         self._critic_map = self._critic_map_eager
         if compile_mode is not None:
             self._critic_map = torch.compile(self._critic_map_eager, mode=compile_mode, dynamic=False, fullgraph=True)
@@ -181,8 +180,7 @@ class Scorer:
         return tile_images(images, self.spec)
 
     def _critic_map_eager(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat = self.model.generator(self.model.encoder(x))
-        return self.model.discriminator.feature_map(stacked_pairs(x, x_hat, self.mirrored))
+        return self.model.critic_map(x)
 
     @torch.inference_mode()
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,8 @@ import torch
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
-from ama_stream.agent.broker import EMBEDDED_CONSUMER, EmbeddedBroker
-from ama_stream.agent.feed import frame_headers
+from ama_stream.kafka_tools.broker import EMBEDDED_CONSUMER, EmbeddedBroker
+from ama_stream.kafka_tools.feed import frame_headers
 from ama_stream.agent.frames import JPEG, PNG, FrameLimits, decode_frame, encode_frame
 from ama_stream.agent.kafka_io import ensure_topics, make_producer
 from ama_stream.agent.settings import KafkaSection

@@ -15,8 +15,8 @@ import json
 import threading
 import time
 
-from ama_stream.agent.broker import EMBEDDED_CONSUMER, EmbeddedBroker
-from ama_stream.agent.feed import mixed_items, publish_items
+from ama_stream.kafka_tools.broker import EMBEDDED_CONSUMER, EmbeddedBroker
+from ama_stream.kafka_tools.feed import mixed_items, publish_items
 from ama_stream.agent.kafka_io import ensure_topics, make_producer
 from ama_stream.agent.runner import Agent
 from ama_stream.agent.settings import AgentSettings, KafkaSection

@@ -86,8 +86,8 @@ from kafka import KafkaConsumer  # noqa: E402
 from kafka.structs import TopicPartition  # noqa: E402
 
 from agent_bench import MODELS, calibrated_checkpoint, frames, raw_consume_fps  # noqa: E402
-from ama_stream.agent.broker import EMBEDDED_CONSUMER, EmbeddedBroker  # noqa: E402
-from ama_stream.agent.feed import frame_headers  # noqa: E402
+from ama_stream.kafka_tools.broker import EMBEDDED_CONSUMER, EmbeddedBroker  # noqa: E402
+from ama_stream.kafka_tools.feed import frame_headers  # noqa: E402
 from ama_stream.agent.frames import PNG  # noqa: E402
 from ama_stream.agent.kafka_io import ensure_topics, make_producer  # noqa: E402
 from ama_stream.agent.settings import KafkaSection  # noqa: E402

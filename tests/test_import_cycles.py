@@ -45,3 +45,10 @@ def test_no_module_of_ama_stream_imports_itself_through_others():
         if start not in state:
             visit(start, [start])
     assert not cycles, cycles
+
+
+def test_no_module_of_ama_stream_is_over_400_lines():
+    """Modules with one job each: a file past 400 lines has usually grown a second one."""
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long

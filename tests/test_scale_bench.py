@@ -29,7 +29,7 @@ def sb():
 
 
 def _line(ts: str, msg: str) -> str:
-    return json.dumps({"ts": ts, "level": "INFO", "logger": "ama_stream.agent.commit", "msg": msg})
+    return json.dumps({"ts": ts, "level": "INFO", "logger": "ama_stream.agent.delivery.commit", "msg": msg})
 
 
 def test_group_events_are_read_from_the_agents_json_log(sb):

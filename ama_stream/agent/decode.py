@@ -3,7 +3,7 @@
 `FrameDecoder` is a pure function of a batch (no state besides its configuration); `DecodeStage`
 runs it on a worker thread so the next batches decode while the run loop scores this one, and
 hands the decoded batches back in poll order. Each batch is decoded by the decoder it was
-submitted with: the one of the model in force at that moment (reload.Model), which the batch keeps.
+submitted with: the one of the model in force at that moment (model_state.Model), which the batch keeps.
 """
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 from kafka.structs import TopicPartition
 
+from ama_stream.calibration import Calibration
 from ama_stream.preprocess import FitTally, PreprocessSpec, fit_image, native_shape
 from ama_stream.tiling import TileBatch, tile_fitted
 
@@ -40,6 +41,17 @@ class PolledBatch:
     epoch: int  # the committer's revocation epoch before the first of them was polled
 
 
+class BatchModel(Protocol):
+    """What a batch keeps of the model it was decoded for (model_state.Model, which also holds the
+    decoder, so it is described here rather than imported): it scores and decides the batch."""
+
+    scorer: Any  # Scorer, or anything with spec, device, model_id and r_scores (tests)
+    calibration: Calibration
+
+    @property
+    def model_id(self) -> str: ...
+
+
 @dataclass
 class DecodedBatch:
     frames: list[FrameMeta]
@@ -51,7 +63,7 @@ class DecodedBatch:
     size: int  # frames in the batch, decodable or not
     decode_s: float
     misfit: FitTally | None = None  # frames that did not fit the model as they were (size, channels)
-    model: Any = None  # reload.Model: the model in force when the batch went to the decoder; it scores and decides it
+    model: BatchModel | None = None  # the model in force when the batch went to the decoder; it scores and decides it
 
 
 def positions(records) -> dict[TopicPartition, int]:
@@ -136,7 +148,7 @@ class DecodeStage:
 
     def submit(self, batch: PolledBatch, decode: Callable[[PolledBatch], DecodedBatch]) -> None:
         """`decode`: what decodes this batch on the worker thread. The agent passes the model in
-        force's `Model.decode` (reload.py), which also records that model in the DecodedBatch, to
+        force's `Model.decode` (model_state.py), which also records that model in the DecodedBatch, to
         score and decide it; a bare FrameDecoder leaves `DecodedBatch.model` None (stage tests)."""
         self._pending.append(self._pool.submit(decode, batch))
 

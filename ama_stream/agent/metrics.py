@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .offsets import CommitProgress
+from .delivery.offsets import CommitProgress
 
 log = logging.getLogger(__name__)
 

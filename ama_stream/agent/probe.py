@@ -7,7 +7,7 @@ import time
 
 from kafka.errors import KafkaError
 
-from .commit import OffsetCommitter
+from .delivery.commit import OffsetCommitter
 from .kafka_io import describe
 from .metrics import AgentMetrics, Readiness
 

@@ -146,7 +146,7 @@ class OutMessage:
 class RecordBuilder:
     """A scored batch -> its messages: per scored frame a score record (if the scores topic is on)
     and, for an anomaly, the same record on the alerts topic; per rejected frame a dead letter.
-    `model_id` and `calibration_id` are those of the model that scored the batch (reload.Model)."""
+    `model_id` and `calibration_id` are those of the model that scored the batch (model_state.Model)."""
 
     def __init__(self, topics: "TopicsSection"):
         self.scores = topics.scores

@@ -3,26 +3,26 @@
 `Agent` wires the stages and runs one `while` loop on one thread; each turn is a short list of
 named steps, and a frame's path reads straight down it:
 
-    poll      MicroBatcher       consumer.poll() into a buffer (batcher.py)
+    poll      MicroBatcher       consumer.poll() into a buffer (batcher.py); then Delivery.reposition
     reload    ModelSwitch        the model in force (Scorer + Calibration): a new calibration, or a new
                                  model loaded on the loader thread, swaps in between batches (reload.py)
     decode    DecodeStage        a full or expired buffer is decoded for the model in force, which the
                                  batch keeps, on a worker thread (decode.py)
     score     score_batch        R from the batch's Scorer, decisions from its Calibration (score.py)
               RecordBuilder      score records, alerts, dead letters (records.py)
-              Outbox             published and acknowledged on the publish thread (outbox.py)
-    finish                       acknowledged batches come back: offsets done, metrics, drift
-    commit    OffsetCommitter    the single owner of commits, rebalances included (commit.py)
+              Outbox             published on the publish thread (outbox.py; what and how: Delivery)
+    finish    Delivery.settle    batches come back: offsets done (or read again), metrics, drift
+    commit    Delivery.commit    the delivery's committer owns commits, rebalances included (delivery/)
     probe     LagProbe           lag and commit progress for /readyz (probe.py)
 
 `stop()` only sets a flag: the loop then finishes the batches in flight, publishes them, commits
-and closes (resources in an ExitStack). Offsets are committed only after the broker acknowledged
-every record of the frames below them (at-least-once); see commit.py for rebalances.
+and closes (resources in an ExitStack).
 
-`delivery: exactly-once`: the Outbox runs each batch as one Kafka transaction, records and offsets
-together (Transactions, txn.py), which then owns the commits; the OffsetCommitter only keeps the
-books and orders transactions against rebalances, after which the loop re-reads from the committed
-offsets (`_rewind`). A fenced producer (another agent with this transactional id) stops the agent.
+The delivery guarantee is one object (`Delivery`, delivery/): it builds the publish thread, says
+what it publishes for a batch, settles a batch that comes back (its offsets done, or its frames
+read again), commits, and re-positions the consumer after a rebalance when it must. The loop never
+asks which guarantee it runs: at-least-once (records acknowledged, then offsets committed) or
+exactly-once (one Kafka transaction per batch).
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ from contextlib import ExitStack
 import kafka
 import torch
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError
 
 from ama_stream.calibration import Calibration
 from ama_stream.checkpoint import load_checkpoint
@@ -46,29 +45,27 @@ from ama_stream.settings import SettingsError, masked
 
 from .accounting import Accounting, AgentStats, DriftWatch, drift_monitor
 from .batcher import MicroBatcher
-from .commit import OffsetCommitter, names
 from .decode import DecodedBatch, DecodeStage, FrameDecoder
+from .delivery import make_delivery
 from . import inflation
 from .fetch_guard import FetchGuard
 from .frames import FrameLimits
-from .kafka_io import available_codecs, connect_with_retry, describe, make_consumer, make_producer
+from .kafka_io import available_codecs, connect_with_retry, make_consumer, make_producer
 from .metrics import AgentMetrics, Health, HealthServer, Readiness
 from .outbox import Outbox
 from .probe import LagProbe
 from .publish import Publisher
 from .records import RecordBuilder
-from .reload import ControlTopic, Model, ModelFiles, ModelLoader, ModelSwitch
+from .control_topic import ControlTopic
+from .model_files import ModelFiles
+from .model_state import Model
+from .reload import ModelLoader, ModelSwitch
 from .score import ScoredBatch, score_batch
 from .settings import AgentSettings
-from .txn import Outcome, ProducerFenced, TransactionUnanswered, Transactions, TxnBatch
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Agent", "AgentStats"]
-
-# exactly-once rewind: how long one committed-offset fetch may hold up the loop (then retried next turn)
-OFFSET_FETCH_TIMEOUT_MS = 5000
-
 
 def _cpu_threads(requested: int | None) -> int:
     """The model's CPU threads; null = all cores but one (decoding and Kafka I/O run beside the model)."""
@@ -110,13 +107,10 @@ class Agent:
         self.stats = AgentStats()
         self.accounting = Accounting(self.metrics, self.stats)
         self.drift_watch = DriftWatch(self.drift, self.metrics)
-        self.committer = OffsetCommitter(None, self.readiness.broker_error, settings.retry.lag_every_s,
-                                         transactional=settings.exactly_once,
-                                         revoke_wait_s=_revoke_wait_s(settings))
-        self.transactions: Transactions | None = None  # exactly-once only
-        self.failure: RuntimeError | None = None  # exactly-once: why the agent stopped on its own (raised by run)
-        self._rewinding: set = set()  # exactly-once: partitions paused until re-positioned at their committed offset
-        self._rewind_failing = False  # fetching a committed offset failed (logged once per streak)
+        self.delivery = make_delivery(settings, self.readiness.broker_error,
+                                      lambda result: self.metrics.transactions.labels(result=result).inc(),
+                                      self.stop, self._stop)
+        self.committer = self.delivery.committer  # the single owner of the books of done offsets
         # made by run() once the broker is reachable
         self.metrics_port: int | None = None
         self.consumer: KafkaConsumer | None = None
@@ -158,15 +152,15 @@ class Agent:
                 self.readiness.mark_ready()
                 self._loop()
                 self._drain()
-                self.committer.commit_final()
+                self.delivery.commit_final()
                 self.readiness.stopped()
             except BaseException:
                 self.stop()  # a crash: the publish thread stops retrying, so closing cannot hang
                 raise
         log.info("agent stopped: %d frames scored, %d alerts, %d dead-lettered",
                  self.stats.scored, self.stats.alerts, self.stats.dead_lettered)
-        if self.failure is not None:
-            raise self.failure
+        if self.delivery.failure is not None:
+            raise self.delivery.failure
         return 0
 
     def _open(self, stack: ExitStack) -> bool:
@@ -185,16 +179,7 @@ class Agent:
                                    on_error=self.readiness.broker_error,
                                    on_give_up=lambda topic, why: self.metrics.records_refused.labels(topic=topic).inc())
         stack.callback(lambda: _close("producer", self.publisher.producer.close, timeout=5))  # the one in use at the end
-        if s.exactly_once:
-            self.transactions = Transactions(
-                self.publisher, self.committer, lambda: self.consumer.group_metadata(), s.retry, self._stop,
-                on_error=self.readiness.broker_error,
-                on_outcome=lambda result: self.metrics.transactions.labels(result=result).inc(),
-                answer_timeout_s=s.producer.get("transaction_timeout_ms",
-                                                KafkaProducer.DEFAULT_CONFIG["transaction_timeout_ms"]) / 1000)
-            self.outbox = Outbox(lambda batch: self.transactions.publish(batch, heartbeat=self.health.beat))
-        else:
-            self.outbox = Outbox(lambda messages: self.publisher.publish(messages, heartbeat=self.health.beat))
+        self.outbox = self.delivery.open(self.publisher, lambda: self.consumer.group_metadata(), self.health.beat)
         stack.callback(self.outbox.close)
         broker_down = lambda reason: self.readiness.broker_error("connect", reason)  # noqa: E731
         consumer = connect_with_retry(lambda: make_consumer(s), "consumer", s.kafka, s.retry, self._stop, broker_down)
@@ -224,16 +209,13 @@ class Agent:
         while not self._stop.is_set():
             self.health.beat()
             got = self.batcher.poll(busy=len(self.decoding) > 0)
-            if self.transactions is not None:
-                fresh = self.committer.take_rewind()
-                if fresh or self._rewinding:
-                    self._rewind(fresh)
+            self.delivery.reposition(self.consumer, self.batcher)  # exactly-once, after a rebalance
             now = time.monotonic()
             self.models.check(now)  # between batches: each batch is decoded, scored and decided by one model
             self._decode()
             self._score(wait=not got)
             self._finish()
-            self.committer.commit()
+            self.delivery.commit()
             if self._should_exit(now):
                 break
             if self.probe.due(now):
@@ -261,100 +243,19 @@ class Agent:
             model, calibration = batch.model, batch.model.calibration  # one model per batch, even if swapped meanwhile
             scored = score_batch(model.scorer, calibration, batch)
             messages = self.records.build(scored, model.model_id, calibration.calibration_id, int(time.time() * 1000))
-            if self.transactions is not None:  # exactly-once: the records with the batch's offsets
-                self.outbox.submit((batch, calibration, scored), TxnBatch(messages, batch.positions, batch.epoch))
-            else:
-                self.outbox.submit((batch, calibration, scored), messages)
+            self.outbox.submit((batch, calibration, scored), self.delivery.payload(messages, batch))
 
     def _finish(self) -> None:
-        """Batches the publish thread finished: only an acknowledged batch's offsets are done."""
+        """Batches the publish thread finished: the delivery settles each (offsets done, or read again)."""
         for done in self.outbox.acknowledged():
             batch, calibration, scored = done.item
-            if self.transactions is not None and done.outcome is not Outcome.COMMITTED:
-                self._not_committed(batch, done.outcome)
-                continue
-            if not done.ok:
-                log.warning("stopping with %d frames unacknowledged; they stay uncommitted and will be read again",
-                            batch.size)
-                self.committer.halt()
-                continue
-            self._finished(batch, calibration, scored, done.publish_s)
+            if self.delivery.settle(done, batch, self.batcher):
+                self._finished(batch, calibration, scored, done.publish_s)
 
     def _finished(self, batch: DecodedBatch, calibration: Calibration, scored: ScoredBatch, publish_s: float) -> None:
-        if self.transactions is None:  # exactly-once: end_transaction marked them done, with the commit
-            self.committer.mark_done(batch.positions, batch.epoch)
         self.accounting.add(batch, scored, publish_s)
         self.drift_watch.observe(calibration, scored)
         self.readiness.mark_ready()
-
-    def _not_committed(self, batch: DecodedBatch, outcome: Outcome) -> None:
-        """Exactly-once: a batch whose transaction did not commit (its frames are read again)."""
-        if outcome is Outcome.STALE:
-            self.batcher.taken -= batch.size  # dropped after a rebalance: read again, counted again
-            return
-        self.committer.halt()
-        s = self.settings
-        if outcome is Outcome.FENCED:
-            self.failure = ProducerFenced(
-                f"fenced: another producer with transactional id {s.transactional_id} took over (a second agent "
-                f"with the same agent_id in group {s.group_id}, or this agent's successor); stopped without "
-                "committing more. Give every agent of a group its own --agent-id")
-            self.stop()
-        elif outcome is Outcome.UNANSWERED:
-            self.failure = TransactionUnanswered(
-                f"transactional id {s.transactional_id}: {self.transactions.unanswered} (producer "
-                "transaction_timeout_ms); stopped, since whether the batch committed is unknown: the next start "
-                "with this agent_id settles it (on tansu 0.6.0 this is also how a fenced agent ends)")
-            self.stop()
-        else:
-            log.warning("stopping with %d frames in a transaction that did not commit; they stay uncommitted and "
-                        "will be read again", batch.size)
-
-    def _rewind(self, fresh: bool) -> None:
-        """Exactly-once, after a rebalance (or offsets refused for a stale group generation):
-        everything polled before it is dropped, and the assigned partitions are read again from their
-        committed offsets (kafka-python keeps the position of a partition assigned again).
-
-        `fresh`: a new rewind; else a retry of the partitions left pending. They are paused first, so
-        nothing is polled from one before it is re-positioned. The committed offset is fetched with a
-        timeout (without one kafka-python retries a retriable error, e.g. the broker away or
-        UNSTABLE_OFFSET_COMMIT while a transaction commits offsets of the group, for ever on this
-        thread); when that fails, the partitions left stay paused and pending, and the next loop turn
-        tries again."""
-        consumer = self.consumer
-        assigned = consumer.assignment()
-        dropped = 0
-        if fresh:
-            dropped = self.batcher.discard()
-            self._rewinding = set(assigned)
-            if assigned:
-                consumer.pause(*assigned)
-        self._rewinding &= assigned  # one revoked meanwhile is its next owner's (a new rebalance starts afresh)
-        moved = []
-        for tp in sorted(self._rewinding):
-            try:
-                committed = consumer.committed(tp, timeout_ms=OFFSET_FETCH_TIMEOUT_MS)
-            except KafkaError as exc:
-                self.readiness.broker_error("offset fetch", describe(exc))
-                if not self._rewind_failing:
-                    log.warning("fetching the committed offset of %s[%d] failed (%s); partitions %s stay paused "
-                                "and are re-positioned once it can be fetched", tp.topic, tp.partition, describe(exc),
-                                names(self._rewinding))
-                self._rewind_failing = True
-                break  # the broker is likely away for the others too: next turn
-            if committed is not None:
-                consumer.seek(tp, committed)
-            else:  # never committed: from the beginning (settings refuse auto_offset_reset latest here)
-                consumer.seek_to_beginning(tp)
-            consumer.resume(tp)
-            self._rewinding.discard(tp)
-            moved.append(f"{tp.topic}[{tp.partition}]@{committed if committed is not None else 'beginning'}")
-        if not self._rewinding:
-            self._rewind_failing = False
-        if fresh or moved:
-            log.info("re-reading from the committed offsets: %s (%d buffered frames dropped)%s",
-                     ", ".join(moved) or "no partitions re-positioned yet", dropped,
-                     f"; still paused: {names(self._rewinding)}" if self._rewinding else "")
 
     def _should_exit(self, now: float) -> bool:
         s = self.settings
@@ -403,13 +304,6 @@ class Agent:
             "codecs": available_codecs(),
         }
         log.info("agent starting: %s", json.dumps(effective, sort_keys=True))
-
-
-def _revoke_wait_s(settings: AgentSettings) -> float:
-    """How long a revocation waits for the transaction in progress (exactly-once): it holds up the
-    consumer's heartbeats, so a third of the session timeout, at most 10 s."""
-    session_ms = settings.consumer.get("session_timeout_ms", KafkaConsumer.DEFAULT_CONFIG["session_timeout_ms"])
-    return min(10.0, session_ms / 3000)
 
 
 def _close(what: str, close, **kwargs) -> None:

@@ -41,7 +41,7 @@ def parse_topics(text: str) -> dict[str, int]:
 def run(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
 
-    from ama_stream.agent.broker import EmbeddedBroker
+    from ama_stream.kafka_tools.broker import EmbeddedBroker
     from ama_stream.agent.kafka_io import ensure_topics
     from ama_stream.agent.settings import KafkaSection
 

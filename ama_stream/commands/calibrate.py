@@ -163,7 +163,7 @@ def _kafka_settings(args: argparse.Namespace):
 
 def _kafka_frames(args: argparse.Namespace, stats) -> Iterator[tuple[np.ndarray, str | None]]:
     """(decoded frame, camera id) of a topic, read outside any consumer group (no offsets committed)."""
-    from ama_stream.agent.replay import topic_frames
+    from ama_stream.kafka_tools.replay import topic_frames
 
     settings = _kafka_settings(args)
     topic = args.source.strip().split(":", 1)[1].strip()
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     scorer = Scorer(checkpoint, args.device, runtime=args.runtime, runtime_model=args.runtime_model)
     replay = None
     if kafka:
-        from ama_stream.agent.replay import ReplayStats
+        from ama_stream.kafka_tools.replay import ReplayStats
 
         replay = ReplayStats()
         frames = _kafka_frames(args, replay)

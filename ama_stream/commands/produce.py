@@ -51,7 +51,7 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
 
-    from ama_stream.agent.feed import mixed_items, publish_items, truth_row, write_truth
+    from ama_stream.kafka_tools.feed import mixed_items, publish_items, truth_row, write_truth
     from ama_stream.agent.kafka_io import make_producer
     from ama_stream.agent.settings import ProduceSettings
     from ama_stream.settings import load_settings

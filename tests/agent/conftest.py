@@ -32,8 +32,8 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
-from ama_stream.agent.broker import EMBEDDED_CONSUMER, EmbeddedBroker, free_port
-from ama_stream.agent.feed import FeedItem, publish_items
+from ama_stream.kafka_tools.broker import EMBEDDED_CONSUMER, EmbeddedBroker, free_port
+from ama_stream.kafka_tools.feed import FeedItem, publish_items
 from ama_stream.agent.kafka_io import ensure_topics, make_producer
 from ama_stream.agent.runner import Agent
 from ama_stream.agent.settings import AgentSettings, KafkaSection

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ama_stream.agent.feed import FeedItem
+from ama_stream.kafka_tools.feed import FeedItem
 from ama_stream.agent.frames import PNG, encode_frame
 from ama_stream.agent.kafka_io import ensure_topics
 from ama_stream.agent.settings import KafkaSection
@@ -114,7 +114,7 @@ def test_calibrate_from_a_missing_topic_fails_with_one_line(bootstrap, random_ch
 
 
 def test_calibrate_from_an_unreachable_broker_fails_with_one_line(random_checkpoint, cli_main, tmp_path, capsys):
-    from ama_stream.agent.broker import free_port
+    from ama_stream.kafka_tools.broker import free_port
 
     code = cli_main(["calibrate", "--checkpoint", str(random_checkpoint), "--source", "kafka:frames",
                      "--bootstrap", f"127.0.0.1:{free_port()}", "--connect-timeout-s", "1",

@@ -19,7 +19,7 @@ from kafka.errors import (
 from kafka.structs import TopicPartition
 
 from ama_stream.agent import runner as runner_module
-from ama_stream.agent.commit import OffsetCommitter
+from ama_stream.agent.delivery.commit import OffsetCommitter
 from ama_stream.agent.outbox import Outbox
 from ama_stream.agent.publish import OutMessage, Publisher
 from ama_stream.agent.runner import Agent

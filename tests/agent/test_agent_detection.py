@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from ama_stream.agent.feed import mixed_items, publish_items, truth_row
+from ama_stream.kafka_tools.feed import mixed_items, publish_items, truth_row
 from ama_stream.calibration import load_calibration
 from ama_stream.checkpoint import load_checkpoint, save_checkpoint
 from ama_stream.sources import iter_images, parse_source

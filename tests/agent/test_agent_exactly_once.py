@@ -37,13 +37,13 @@ from kafka.errors import (
 from kafka.structs import TopicPartition
 
 from ama_stream.agent import runner as runner_module
-from ama_stream.agent.commit import OffsetCommitter
+from ama_stream.agent.delivery.fencing import TransactionalCommitter
 from ama_stream.agent.kafka_io import consumer_config, ensure_topics, make_producer, producer_config
 from ama_stream.agent.publish import Publisher
 from ama_stream.agent.records import OutMessage
 from ama_stream.agent.runner import Agent
 from ama_stream.agent.settings import AgentSettings, Delivery, KafkaSection, RetrySection
-from ama_stream.agent.txn import Outcome, ProducerFenced, Transactions, TransactionUnanswered, TxnBatch, is_fenced
+from ama_stream.agent.delivery.txn import Outcome, ProducerFenced, Transactions, TransactionUnanswered, TxnBatch, is_fenced
 from ama_stream.calibration import Policy, fit_calibration
 from ama_stream.commands.serve import DELIVERY_MODES
 from ama_stream.settings import SettingsError, load_settings
@@ -157,7 +157,7 @@ def _messages(n, topic="scores"):
 
 def _transactions(producer, committer=None, stop=None, outcomes=None):
     stop = stop or threading.Event()
-    committer = committer or OffsetCommitter(None, transactional=True)
+    committer = committer or TransactionalCommitter(None)
     publisher = Publisher(producer, lambda: producer, RETRY, stop, flush_timeout_s=0.01)
     outcomes = [] if outcomes is None else outcomes
     return Transactions(publisher, committer, lambda: "group", RETRY, stop, on_outcome=outcomes.append,
@@ -271,7 +271,7 @@ class NoCommits:
 def test_the_committer_never_commits_and_a_revocation_waits_for_the_transaction_in_progress():
     import asyncio
 
-    c = OffsetCommitter(NoCommits(), transactional=True, revoke_wait_s=30)
+    c = TransactionalCommitter(NoCommits(), revoke_wait_s=30)
     e0 = c.epoch()
     c.mark_done({P0: 4}, e0)
     c.commit(now=0.0)
@@ -524,7 +524,7 @@ def killed_five_times(bootstrap, random_checkpoint, tmp_path_factory):
 
 
 def _free_port() -> int:
-    from ama_stream.agent.broker import free_port
+    from ama_stream.kafka_tools.broker import free_port
 
     return free_port()
 

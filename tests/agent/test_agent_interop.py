@@ -34,7 +34,7 @@ def read_with_librdkafka(bootstrap: str, topic: str, n: int, timeout: float = 60
 
 def test_librdkafka_frames_in_every_codec_are_scored_and_its_readers_see_the_records(
         make_topics, random_checkpoint, agent_threads):
-    from ama_stream.agent.feed import frame_headers
+    from ama_stream.kafka_tools.feed import frame_headers
     from ama_stream.agent.frames import PNG, encode_frame
 
     topics = make_topics(partitions=2)

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from ama_stream.agent.broker import EmbeddedBroker, free_port
+from ama_stream.kafka_tools.broker import EmbeddedBroker, free_port
 from ama_stream.agent.kafka_io import ensure_topics, make_producer
 from ama_stream.agent.settings import KafkaSection
 
@@ -114,7 +114,7 @@ def test_serve_gives_up_on_an_unreachable_broker_when_told_to(random_checkpoint)
     import subprocess
     import sys
 
-    from ama_stream.agent.broker import free_port
+    from ama_stream.kafka_tools.broker import free_port
 
     proc = subprocess.run([sys.executable, "-m", "ama_stream.cli", "serve", "--bootstrap", f"127.0.0.1:{free_port()}",
                            "--checkpoint", str(random_checkpoint), "--give-up-after-s", "1", "--device", "cpu",
@@ -136,7 +136,7 @@ def test_give_up_after_s_is_honoured_even_when_one_attempt_would_take_longer(ran
     import subprocess
     import sys
 
-    from ama_stream.agent.broker import free_port
+    from ama_stream.kafka_tools.broker import free_port
 
     proc = subprocess.run([sys.executable, "-m", "ama_stream.cli", "serve", "--bootstrap", f"127.0.0.1:{free_port()}",
                            "--checkpoint", str(random_checkpoint), "--give-up-after-s", "3", "--device", "cpu",

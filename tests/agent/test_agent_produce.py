@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ama_stream.agent.broker import EmbeddedBroker
+from ama_stream.kafka_tools.broker import EmbeddedBroker
 from ama_stream.agent.frames import FrameLimits, decode_frame
 
 from .conftest import REPO, read_all

@@ -11,7 +11,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
 from ama_stream.agent.kafka_io import consumer_config, producer_config
-from ama_stream.agent.offsets import OffsetBook
+from ama_stream.agent.delivery.offsets import OffsetBook
 from ama_stream.agent.records import SCORE_SCHEMA, FrameMeta, dead_letter_headers, encode_record, score_record
 from ama_stream.agent.settings import AgentSettings
 from ama_stream.commands import serve
@@ -211,7 +211,7 @@ def test_metrics_server_binds_loopback_by_default_and_names_a_taken_address():
 
 
 def test_commit_progress_falls_when_frames_wait_and_commits_do_not_move():
-    from ama_stream.agent.offsets import CommitProgress
+    from ama_stream.agent.delivery.offsets import CommitProgress
 
     watch = CommitProgress(stall_s=60, now=0.0)
     assert watch.check(lag=0, committed=0, now=500.0) is None  # idle: nothing waits, never stalled

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ama_stream.agent.feed import FeedItem
+from ama_stream.kafka_tools.feed import FeedItem
 from ama_stream.agent.records import SCORE_SCHEMA, FrameMeta, encode_record, heatmap_png, score_record
 from ama_stream.checkpoint import Checkpoint, save_checkpoint
 from ama_stream.model import AMA, ModelConfig

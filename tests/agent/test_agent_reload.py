@@ -19,15 +19,10 @@ import torch
 from ama_stream.agent.decode import FrameDecoder
 from ama_stream.agent.frames import FrameLimits
 from ama_stream.agent.metrics import AgentMetrics
-from ama_stream.agent.reload import (
-    Loaded,
-    Model,
-    ModelFiles,
-    ModelLoader,
-    ModelRequest,
-    ModelSwitch,
-    model_message,
-)
+from ama_stream.agent.control_topic import model_message
+from ama_stream.agent.model_files import ModelFiles
+from ama_stream.agent.model_state import Loaded, Model, ModelRequest
+from ama_stream.agent.reload import ModelLoader, ModelSwitch
 from ama_stream.calibration import Calibration, Policy, fit_calibration, load_calibration
 from ama_stream.checkpoint import load_checkpoint, save_checkpoint
 from ama_stream.fileio import atomic_write_bytes, read_file_bytes

@@ -132,7 +132,7 @@ def test_two_agents_in_one_group_share_partitions_and_score_everything(make_topi
 def test_frames_that_do_not_fit_the_model_are_counted_and_reported(make_topics, producer, random_checkpoint,
                                                                    agent_threads, caplog):
     """A 64x48 colour camera against a 32x32 gray model: scored, but never without a word."""
-    from ama_stream.agent.feed import FeedItem
+    from ama_stream.kafka_tools.feed import FeedItem
 
     topics = make_topics(partitions=1)
     rng = np.random.default_rng(3)

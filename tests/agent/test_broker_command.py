@@ -8,7 +8,7 @@ import sys
 import pytest
 from kafka import KafkaAdminClient
 
-from ama_stream.agent.broker import free_port
+from ama_stream.kafka_tools.broker import free_port
 from ama_stream.commands.broker import parse_topics
 
 from .conftest import REPO

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ama_stream.agent.broker import EmbeddedBroker, free_port
-from ama_stream.agent.feed import FeedItem
+from ama_stream.kafka_tools.broker import EmbeddedBroker, free_port
+from ama_stream.kafka_tools.feed import FeedItem
 from ama_stream.agent.kafka_io import ensure_topics, make_producer
 from ama_stream.agent.settings import KafkaSection
 from ama_stream.checkpoint import Checkpoint, save_checkpoint

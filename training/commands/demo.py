@@ -210,7 +210,7 @@ def collect_scores(bootstrap: str, topic: str, out: ScoreLog, stop: threading.Ev
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
 
-    from ama_stream.agent.broker import EMBEDDED_CONSUMER
+    from ama_stream.kafka_tools.broker import EMBEDDED_CONSUMER
 
     # read_committed, as every consumer of the scores/alerts topics should: with `delivery: exactly-once`
     # it skips the records of aborted transactions (on a broker that implements that; docs/operations.md)
@@ -275,8 +275,8 @@ def stream(args: argparse.Namespace, ckpt, data: DemoData, cache: Path, calibrat
            finish: Callable[[dict], None]) -> dict:
     """Streams the frames through the agent on an embedded broker; `finish(summary)` runs while the
     broker (and the alert page) are still up."""
-    from ama_stream.agent.broker import EMBEDDED_CONSUMER, EmbeddedBroker
-    from ama_stream.agent.feed import mixed_items, publish_items, truth_row
+    from ama_stream.kafka_tools.broker import EMBEDDED_CONSUMER, EmbeddedBroker
+    from ama_stream.kafka_tools.feed import mixed_items, publish_items, truth_row
     from ama_stream.agent.kafka_io import ensure_topics, make_producer
     from ama_stream.agent.runner import Agent
     from ama_stream.agent.settings import AgentSettings, KafkaSection

@@ -14,20 +14,12 @@ fetch position of a partition that is assigned again, so dropping them would los
 offsets are committed only if their partition was not revoked since they were polled (the batch's
 epoch), so a partition's new owner re-reads them instead (duplicates, never a gap).
 
-Exactly-once (`transactional=True`): the offsets go to the broker inside each batch's transaction
-(txn.py, on the publish thread), so this class sends no commit at all; it keeps the books and
-orders transactions against rebalances. A transaction begins only for a batch polled in the
-current epoch (`begin_transaction`); a revocation bumps the epoch and then waits for the
-transaction in progress to commit or abort before it returns (at most `revoke_wait_s`), so the
-partitions' next owner reads committed offsets that match the committed records. Every batch
-polled before the revocation is then dropped unpublished, and the run loop re-positions the
-consumer at the committed offsets (`take_rewind`): kafka-python keeps the fetch position of a
-partition assigned again, which would otherwise skip the dropped frames.
+The exactly-once committer (exactly_once.py) is this class with the commits taken out: there the
+offsets go to the broker inside each batch's transaction.
 """
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Iterable
 
@@ -41,7 +33,7 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from .kafka_io import describe
+from ..kafka_io import describe
 from .offsets import OffsetBook
 
 log = logging.getLogger(__name__)
@@ -59,23 +51,16 @@ class OffsetCommitter:
     reason)`: told when a commit fails for another reason than a rebalance (Readiness.broker_error);
     a commit that failed goes out again at most every `resend_s`."""
 
-    def __init__(self, consumer, on_broker_error=lambda operation, reason: None, resend_s: float = 5.0,
-                 transactional: bool = False, revoke_wait_s: float = 3.0):
+    def __init__(self, consumer, on_broker_error=lambda operation, reason: None, resend_s: float = 5.0):
         self.consumer = consumer
         self.book = OffsetBook()
         self.on_broker_error = on_broker_error
         self.resend_s = resend_s
-        self.transactional = transactional  # exactly-once: the transactions commit, this class never does
-        self.revoke_wait_s = revoke_wait_s
         self.halted = False  # a batch stayed unacknowledged: nothing more is committed
         self.joined = False  # the group gave this consumer its (maybe empty) share
         self.assigned_at = -float("inf")  # monotonic time of the last assignment
         self._sent: dict | None = None  # offsets of the last asynchronous commit sent
         self._resend_at = 0.0
-        # exactly-once: a transaction in progress, and whether the consumer must be re-positioned
-        self._gate = threading.Condition()
-        self._in_transaction = False
-        self._rewind = False
 
     # -- what the run loop tells it ---------------------------------------------------------------
     def epoch(self) -> int:
@@ -83,8 +68,7 @@ class OffsetCommitter:
         return self.book.epoch()
 
     def mark_done(self, positions: dict[TopicPartition, int], epoch: int) -> None:
-        """A batch polled at `epoch` is acknowledged: its positions may be committed (at-least-once;
-        exactly-once, `end_transaction` is the one that marks a committed batch's positions done)."""
+        """A batch polled at `epoch` is acknowledged: its positions may be committed."""
         self.book.mark_done(positions, epoch)
 
     def halt(self) -> None:
@@ -101,8 +85,6 @@ class OffsetCommitter:
     def commit(self, now: float | None = None) -> None:
         """Commits the done offsets asynchronously; the same offsets are not sent again while
         on their way, unless `resend_s` passed (a commit that failed goes out again)."""
-        if self.transactional:
-            return  # the batch's transaction committed them
         now = time.monotonic() if now is None else now
         if now >= self._resend_at:
             self._sent, self._resend_at = None, now + self.resend_s
@@ -113,8 +95,6 @@ class OffsetCommitter:
 
     def commit_final(self, timeout_ms: int = 5000) -> None:
         """Commits the done offsets and waits for the answer (when stopping)."""
-        if self.transactional:
-            return
         offsets = self._uncommitted()
         if not offsets:
             return
@@ -144,66 +124,14 @@ class OffsetCommitter:
             self.on_broker_error("commit", describe(response))
             log.warning("commit failed (%s); will retry with the next batch", describe(response))
 
-    # -- exactly-once: transactions against rebalances ---------------------------------------------
-    def begin_transaction(self, epoch: int) -> bool:
-        """(publish thread) True if a batch polled at `epoch` may be published in a transaction now,
-        and marks one in progress; False if a rebalance or a rewind came since (drop the batch: its
-        frames are read again from the committed offsets)."""
-        with self._gate:
-            if self.halted or epoch < self.book.epoch():
-                return False
-            self._in_transaction = True
-            return True
-
-    def end_transaction(self, committed: dict[TopicPartition, int] | None = None, epoch: int = 0) -> None:
-        """(publish thread) The transaction ended; `committed`: the offsets it committed (None: aborted),
-        marked done and committed here, the only place that does in exactly-once mode."""
-        with self._gate:
-            if committed:
-                self.book.mark_done(committed, epoch)
-                self.book.mark_committed({tp: OffsetAndMetadata(o, "", -1) for tp, o in committed.items()})
-            self._in_transaction = False
-            self._gate.notify_all()
-
-    def invalidate(self, reason: str) -> None:
-        """(any thread but the IO thread) Drops every batch polled so far and asks the run loop to
-        re-read from the committed offsets, e.g. after the broker refused a transaction's offsets for
-        a stale group generation. Does not wait for a transaction in progress."""
-        with self._gate:
-            self.book.revoke(())  # a new epoch: every earlier batch is stale
-            self._rewind = True
-        log.warning("dropping the batches in flight and re-reading from the committed offsets (%s)", reason)
-
-    def take_rewind(self) -> bool:
-        """(run loop) True once after a rebalance or `invalidate`: the caller drops what it buffered and
-        seeks the assigned partitions to their committed offsets."""
-        with self._gate:
-            rewind, self._rewind = self._rewind, False
-            return rewind
-
-    def _fence(self, partitions: set[TopicPartition], why: str) -> None:
-        """A new epoch (earlier batches stale, the consumer to be re-positioned), then waits for the
-        transaction in progress: it commits or aborts before the partitions move."""
-        with self._gate:
-            self.book.revoke(partitions)
-            self._rewind = True
-            if not self._gate.wait_for(lambda: not self._in_transaction, timeout=self.revoke_wait_s):
-                log.warning("partitions %s: the transaction in progress did not end within %.1f s; letting them go "
-                            "(a broker with KIP-447 fences its offsets by group generation)", why, self.revoke_wait_s)
-
     # -- rebalances (kafka-python's IO thread) ----------------------------------------------------
     def listener(self) -> AsyncConsumerRebalanceListener:
         return _Listener(self)
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
         """Commits what is done for the revoked partitions before the revocation completes, then
-        forgets them: frames of theirs polled earlier are not committed by this consumer.
-        Exactly-once: the transaction in progress ends first (see the module's docstring)."""
+        forgets them: frames of theirs polled earlier are not committed by this consumer."""
         if not revoked:
-            return
-        if self.transactional:
-            self._fence(revoked, "revoked")
-            log.info("partitions revoked: %s", names(revoked))
             return
         offsets = self.book.uncommitted(revoked)
         if offsets:
@@ -216,10 +144,7 @@ class OffsetCommitter:
         log.info("partitions revoked: %s", names(revoked))
 
     def lost(self, lost: set[TopicPartition]) -> None:
-        if self.transactional:
-            self._fence(lost, "lost")
-        else:
-            self.book.revoke(lost)
+        self.book.revoke(lost)
         log.warning("partitions lost (group membership expired): %s; in-flight frames dropped", names(lost))
 
     def assigned(self, assigned: set[TopicPartition]) -> None:

@@ -1,9 +1,9 @@
 """Exactly-once delivery: each batch's records and its consumed offsets in ONE Kafka transaction.
 
 `Transactions.publish` runs on the publish thread (outbox.py) in place of `Publisher.publish`; in
-this mode it is the only owner of offset commits (commit.py sends none):
+this mode it is the only owner of offset commits (the committer, fencing.py, sends none):
 
-    begin_transaction                      (only for a batch polled in the current epoch, commit.py)
+    begin_transaction                      (only for a batch polled in the current epoch, fencing.py)
     send the batch's records               (Publisher.send / its acknowledgement wait)
     send_offsets_to_transaction            (the next offset of each partition of the batch, with the
                                             consumer's group metadata: KIP-447 generation fencing)
@@ -50,11 +50,11 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from .commit import OffsetCommitter
-from .kafka_io import describe
-from .publish import Publisher, RetryPause, StopGrace
-from .records import OutMessage
-from .settings import RetrySection
+from .fencing import TransactionalCommitter
+from ..kafka_io import describe
+from ..publish import Publisher, RetryPause, StopGrace
+from ..records import OutMessage
+from ..settings import RetrySection
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Transactions:
     def __init__(
         self,
         publisher: Publisher,
-        committer: OffsetCommitter,
+        committer: TransactionalCommitter,
         group_metadata: Callable[[], Any],
         retry: RetrySection,
         stop: threading.Event,

@@ -21,11 +21,11 @@ from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
-from .fetch_guard import FetchGuard, UnreadableRecord
-from .frames import FrameError, FrameLimits, decode_frame
-from .kafka_io import build_client, describe
-from .envelope import FrameMeta
-from .settings import KafkaSection
+from ama_stream.agent.fetch_guard import FetchGuard, UnreadableRecord
+from ama_stream.agent.frames import FrameError, FrameLimits, decode_frame
+from ama_stream.agent.kafka_io import build_client, describe
+from ama_stream.agent.envelope import FrameMeta
+from ama_stream.agent.settings import KafkaSection
 
 log = logging.getLogger(__name__)
 

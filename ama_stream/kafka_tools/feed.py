@@ -21,7 +21,7 @@ from kafka import KafkaProducer
 
 from ama_stream.fileio import atomic_write_bytes
 
-from .frames import encode_frame
+from ama_stream.agent.frames import encode_frame
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Which offsets may be committed: only those of frames whose records the broker acknowledged.
 
-The OffsetCommitter's bookkeeping (commit.py). Read and written by the run loop (batches done,
+The OffsetCommitter's bookkeeping (commit.py; fencing.py's too). Read and written by the run loop (batches done,
 commits) and the rebalance listener (what is done for revoked partitions, on kafka-python's IO
 thread), hence the lock; it is held only for dictionary updates, never across broker calls.
 """
