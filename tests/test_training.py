@@ -229,3 +229,39 @@ def test_weight_average_is_what_the_checkpoint_holds():
     assert torch.isfinite(bn_mean).all() and bn_mean.abs().sum() > 0
     assert ckpt.state_dict["encoder.net.1.num_batches_tracked"] > 0
     assert np.isfinite(ckpt.mu) and ckpt.sigma > 0
+
+
+def test_the_guard_stops_a_run_whose_loss_is_not_finite_and_keeps_the_last_good_step(monkeypatch):
+    """A step with a NaN loss stops training with one line naming the step and the remedy; the
+    checkpoint holds the weights of the last good step (log_every 1: the step before), not the bad ones."""
+    original, seen = Trainer.train_step, []
+
+    def step(self, x, epoch, images=None):
+        logs = original(self, x, epoch, images)
+        seen.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return {**logs, "loss_d": float("nan")} if len(seen) == 3 else logs
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    ckpt = train(tiny_config("train.max_steps=6", "train.ema_decay=null", "train.sensitivity=false"),
+                 data=synthetic_data())
+    assert ckpt.metrics["stopped"]["restored_step"] == 2 and len(seen) == 3
+    assert "training stopped at step 3: loss_d not finite" in ckpt.metrics["stopped"]["reason"]
+    assert "spectral_norm" in ckpt.metrics["stopped"]["reason"]
+    name = "generator.dense.weight"
+    assert torch.equal(ckpt.state_dict[name], seen[1][name])  # step 2's weights
+    assert not torch.equal(ckpt.state_dict[name], seen[2][name])
+
+
+def test_the_guard_stops_a_runaway_critic_through_the_cli(tmp_path, data_root):
+    """train.max_critic: a critic value past the bound ends `train` with exit status 1, the step and
+    the remedy on its last line, and the model of the last good step on disk (here: before step 1)."""
+    out = tmp_path / "run"
+    sets = [f"--set={s}" for s in TINY + ["data.limit_train=500", "data.limit_test=200", "train.max_critic=1e-9",
+                                          "train.sensitivity=false"]]
+    proc = run_cli("train", "--config", str(CPU_PRESET), "--out", str(out), "--max-steps", "6",
+                   "--data-root", str(data_root), *sets, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "training stopped at step 1" in last and "past train.max_critic" in last and "spectral_norm" in last
+    ckpt = load_checkpoint(out / "model.pt")
+    assert ckpt.metrics["stopped"]["restored_step"] == 0

@@ -123,6 +123,11 @@ class TrainSection(Section):
     # after training: implant synthetic defects (2-32 px, two contrasts) into held-out good images and
     # report which the model catches at its default threshold (ama_stream.sensitivity), about a minute
     sensitivity: bool = True
+    # the training guard: a step whose loss is not finite, or whose critic values (the Wasserstein
+    # estimate, the critic's losses) pass this magnitude, stops training; the model of the last good
+    # step is saved. Adam's float32 second moment overflows near |grad| ~ 1e19 and then silently stops
+    # learning: a critic past 1e12 is on its way there. None: only non-finite values stop it
+    max_critic: float | None = Field(1e12, gt=0)
 
 
 class TrainConfig(AmaSettings):

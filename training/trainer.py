@@ -58,6 +58,27 @@ def _plain(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+CRITIC_TERMS = ("wasserstein", "loss_d", "d_recon", "loss_g", "gp")  # logged values on the critic's scale
+GUARD_REMEDY = ("model.spectral_norm: true (or loss.gradient_penalty.enabled: true) keeps the critic bounded; "
+                "a lower optim.lr or fewer steps (train.max_steps) also help")
+
+
+class TrainingStopped(RuntimeError):
+    """The guard stopped training (a loss not finite, or the critic past train.max_critic)."""
+
+
+def guard_verdict(logs: dict[str, float], max_critic: float | None) -> str | None:
+    """Why a step's logged values must stop training, or None when they are fine."""
+    bad = sorted(k for k, v in logs.items() if not math.isfinite(v))
+    if bad:
+        return f"{', '.join(bad)} not finite"
+    if max_critic is not None:
+        over = {k: v for k, v in logs.items() if k in CRITIC_TERMS and abs(v) > max_critic}
+        if over:
+            return ", ".join(f"{k}={v:.3g}" for k, v in over.items()) + f" past train.max_critic {max_critic:g}"
+    return None
+
+
 class _NoProgress:
     """The progress calls of ranks other than 0, which report nothing."""
 
@@ -111,6 +132,7 @@ class Trainer:
                 ddp.convert_sync_batchnorm(net, self.device)
         self.state = LoopState()
         self.best_weights: dict | None = None
+        self.stopped: dict | None = None  # the guard stopped training: why, and the step restored
         self._board = None  # TensorBoard writer, made on first use (False: tensorboard not installed)
         self.train_images = data.train  # whole images (a patch model's: at their working scale, any sizes)
         self.patched = cfg.data.preprocess_spec().patched
@@ -178,8 +200,6 @@ class Trainer:
             self.opt_g.step()
         finally:
             d.requires_grad_(True)
-        if not (math.isfinite(logs_d["loss_d"]) and math.isfinite(logs_g["loss_g"])):
-            raise RuntimeError(f"training diverged at step {self.state.step}: losses {logs_d} {logs_g}")
         return {**logs_d, **logs_g}
 
     # ----- the loop -------------------------------------------------------------------------
@@ -209,8 +229,11 @@ class Trainer:
             (self.out_dir / "metrics.csv").unlink(missing_ok=True)  # a fresh run into an old folder
         bar = progress(total=total, desc="training", unit="step") if self.is_main else _NoProgress()
         bar.update(step0)
+        self._last_good = (self.state.step, copy.deepcopy(self.model.state_dict()))
         try:
             self._run_epochs(bar, t0, step0, total, per_epoch)
+        except TrainingStopped as exc:
+            self._stop_at_last_good(str(exc))
         finally:
             bar.close()
             if self._board:
@@ -229,6 +252,16 @@ class Trainer:
         elif self.average is not None:
             self._use_average()
         return self.finish()
+
+    def _stop_at_last_good(self, why: str) -> None:
+        """The guard tripped: one ERROR line, the weights of the last good step restored (the weight
+        average and model selection are dropped: they may hold the bad steps), and the checkpoint is
+        written from them (metrics "stopped"); the train command then exits with an error."""
+        step, weights = self._last_good
+        self.model.load_state_dict(weights)
+        self.average, self.best_weights = None, None
+        self.stopped = {"reason": why, "restored_step": step}
+        log.error("%s; saving the model of step %d, the last good one", why, step)
 
     def _use_average(self, batches: int = 20) -> None:
         """Load the averaged weights, then recompute what belongs to them, not to the last weights:
@@ -273,10 +306,15 @@ class Trainer:
                 images = self.batches[idx]
                 x = to_tensor(images).to(self.device, non_blocking=True, memory_format=self.memory_format)
                 logs = self.train_step(x, epoch, images)
+                why = guard_verdict(logs, cfg.max_critic)
+                if why is not None:
+                    raise TrainingStopped(f"training stopped at step {self.state.step + 1}: {why}. {GUARD_REMEDY}")
                 self._images += len(idx)
                 if self.average is not None:
                     self.average.update_parameters(self.model)
                 self.state.step += 1
+                if self.state.step % cfg.log_every == 0:  # the last good weights, kept for the guard
+                    self._last_good = (self.state.step, copy.deepcopy(self.model.state_dict()))
                 bar.update(1)
                 if self.state.step % cfg.log_every == 0 or self.state.step == total:
                     if self.dist is not None:  # the global batch's losses: the mean of the ranks' means
@@ -388,8 +426,10 @@ class Trainer:
         ckpt.position_stats = positions
         metrics: dict = {"epochs": self.state.epoch, "steps": self.state.step, "train_images": len(self.train_images),
                          "train_wall_s": round(time.monotonic() - getattr(self, "_started", time.monotonic()), 1)}
-        if self.state.best_epoch >= 0:
+        if self.state.best_epoch >= 0 and self.best_weights is not None:
             metrics["selected_epoch"] = self.state.best_epoch + 1
+        if self.stopped is not None:
+            metrics["stopped"] = self.stopped
         if self._dist_record is not None:
             metrics["distributed"] = self._dist_record
         test = self.data.test

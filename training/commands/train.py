@@ -25,7 +25,7 @@ from ama_stream.sources import parse_source
 
 from .. import distributed as ddp
 from ..config import TrainConfig
-from ..trainer import train
+from ..trainer import TrainingStopped, train
 
 
 OWN_DATA_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "own_data.yaml"
@@ -135,6 +135,10 @@ def _run_process(args: argparse.Namespace, cfg: TrainConfig, out: Path) -> int:
 def _report(out: Path, ckpt) -> None:
     summary = {k: ckpt.metrics[k] for k in ("auroc_a", "auroc_r") if k in ckpt.metrics}
     print(f"wrote {out / 'model.pt'} (model {ckpt.model_id}) " + " ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+    stopped = ckpt.metrics.get("stopped")
+    if stopped:  # the guard stopped training: the run fails, with the last good step's model on disk
+        raise TrainingStopped(f"{stopped['reason']} (the model of step {stopped['restored_step']}, the last good "
+                              f"one, is in {out / 'model.pt'})")
 
 
 def run(args: argparse.Namespace) -> int:
