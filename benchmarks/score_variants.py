@@ -49,7 +49,8 @@ from benchmarks.quality import commit  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "score_variants.jsonl"
-SCORES = ("r", "a", "r_complexity", "maha_features", "maha_codes")
+SCORES = ("r", "a", "r_complexity", "maha_features", "maha_codes")  # simplest first
+TIE = 0.005  # validation means closer than this are a tie: the simpler score is chosen
 
 
 def complexity(images: np.ndarray) -> np.ndarray:
@@ -157,7 +158,8 @@ def main() -> int:
                             image_spec, data_root, len(normal_test) // 5, cfg.seed)
     test_normal_scores, test_scores = bank.scores(normal_test), bank.scores(test_anomalies)
     test = {k: auroc(test_normal_scores[k], test_scores[k]) for k in SCORES}
-    chosen = max(SCORES, key=lambda k: mean_val[k])
+    best = max(mean_val.values())  # within TIE of the best mean, the simplest score (SCORES is in that order)
+    chosen = next(k for k in SCORES if mean_val[k] >= best - TIE)
     row = {"date": date.today().isoformat(), "commit": commit(), "checkpoint": str(args.checkpoint),
            "model_id": ckpt.model_id, "steps": ckpt.metrics.get("steps"), "validation": val,
            "validation_mean": mean_val, "validation_worst": worst_val, "chosen_on_validation": chosen,
