@@ -27,6 +27,7 @@ Results: benchmarks/results/agent_bench_<device>.json, and the block between
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from kafka import KafkaConsumer
+from PIL import Image
 from kafka.structs import TopicPartition
 
 from ama_stream.kafka_tools.broker import EMBEDDED_CONSUMER, EmbeddedBroker
@@ -62,8 +64,9 @@ MODELS = {
     # configs/own_data.yaml's patch model: 32x32 colour patches
     "patch": ModelConfig(image_size=32, channels=3, nz=64, enc_width=32, gen_width=32, disc_width=32),
 }
-# the patch model tiles each frame at its working scale (configs/own_data.yaml)
-PATCH_SPEC = PreprocessSpec(32, 3, patch_stride=16, scale=0.25)
+# the patch model tiles each frame at its working scale: configs/own_data.yaml's `scale: auto` on the
+# 1130x460 ball-screw photos (short side to 128 px: 0.278, 133 patches per frame)
+PATCH_SPEC = PreprocessSpec(32, 3, patch_stride=16, scale=0.278)
 
 
 def frames(n: int, source: str | None = None) -> tuple[list[bytes], str]:
@@ -72,8 +75,8 @@ def frames(n: int, source: str | None = None) -> tuple[list[bytes], str]:
     root = resolve_data_root()
     if source:
         images = [img for _, img, _ in iter_images(parse_source(source), root)][:n]
-        return [encode_frame(images[i % len(images)], JPEG) for i in range(n)], \
-            f"{source} as JPEG, {images[0].shape[1]}x{images[0].shape[0]}"
+        jpegs = [_jpeg(img) for img in images]
+        return [jpegs[i % len(jpegs)] for i in range(n)], f"{source} as JPEG, {images[0].shape[1]}x{images[0].shape[0]}"
     if (root / "fashion-mnist").is_dir():
         images = [img for _, img, _ in iter_images(parse_source("idx:fashion-mnist").with_split("test"), root)]
         what = "Fashion-MNIST test images"
@@ -82,6 +85,14 @@ def frames(n: int, source: str | None = None) -> tuple[list[bytes], str]:
         images = [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(min(n, 10000))]
         what = "random 28x28 images"
     return [encode_frame(images[i % len(images)], PNG) for i in range(n)], f"{what}, PNG"
+
+
+def _jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    """A camera's JPEG of a uint8 image (encode_frame writes PNG/NPY only: what `produce` sends)."""
+    out = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image).save(
+        out, format="JPEG", quality=quality)
+    return out.getvalue()
 
 
 def publish(producer, topic: str, values: list[bytes], rate: float | None, cameras: int = 8) -> None:
