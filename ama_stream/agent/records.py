@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from ama_stream.tiling import map_shape
+
 from .envelope import FrameMeta
 
 if TYPE_CHECKING:
@@ -82,13 +84,12 @@ MAP_SIDE = 256  # the maps topic's heatmaps: longer side at most this many pixel
 def heatmap_png(anomaly_map: np.ndarray, side: int = MAP_SIDE) -> bytes:
     """The map as an 8-bit gray PNG, 0 = 0 and 255 = the map's maximum, shrunk so its longer side is
     at most `side` pixels (same aspect as the frame)."""
-    h, w = anomaly_map.shape
     top = float(np.nanmax(anomaly_map)) if anomaly_map.size else 0.0
     scaled = np.nan_to_num(anomaly_map.astype(np.float32) * (255.0 / top if top > 0 else 0.0), nan=255.0)
     image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
-    factor = side / max(h, w)
-    if factor < 1:
-        image = image.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BILINEAR)
+    h, w = map_shape(anomaly_map.shape, side)  # the same shrinking rule as the Scorer's bounded maps
+    if (h, w) != anomaly_map.shape:
+        image = image.resize((w, h), Image.BILINEAR)
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=True)
     return out.getvalue()
