@@ -16,6 +16,9 @@ tensors and primitive containers is ever unpickled):
     position_stats  optional (a patch model for aligned parts): per patch position, mean and std of
                  the good images' patch R-scores (`patch_mean`/`patch_std` [rows, cols]) and, per pixel
                  of the working size, of their anomaly maps (`map_mean`/`map_std` [height, width])
+    feature_gaussian  optional (`score: mahalanobis`): `mean` [W] and `precision` [W, W] of the critic
+                 feature difference on good images; the model's score is then the Mahalanobis distance
+                 (ama_stream.feature_gaussian), and mu/sigma are of that distance
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import feature_gaussian as fgauss
 from .fileio import atomic_write_bytes, read_file_bytes
 from .model import AMA, ModelConfig
 from .preprocess import PreprocessSpec
@@ -60,6 +64,7 @@ class Checkpoint:
     created_at: str = ""
     resume: dict | None = None
     position_stats: dict[str, torch.Tensor] | None = None  # see the module docstring
+    feature_gaussian: dict[str, torch.Tensor] | None = None  # see the module docstring
     model_id: str = ""  # weights_id(): set on load and save
 
     def build_model(self, device: str | torch.device = "cpu") -> AMA:
@@ -87,19 +92,29 @@ class Checkpoint:
             payload["resume"] = self.resume
         if self.position_stats is not None:
             payload["position_stats"] = {k: v.detach().cpu().float() for k, v in self.position_stats.items()}
+        if self.feature_gaussian is not None:
+            payload["feature_gaussian"] = {k: v.detach().cpu().float() for k, v in self.feature_gaussian.items()}
         return payload
+
+    @property
+    def score_name(self) -> str:
+        """What the model's score is: "R" or "Mahalanobis" (the feature Gaussian's distance)."""
+        return "R" if self.feature_gaussian is None else "Mahalanobis"
 
 
 def weights_id(model: ModelConfig, spec: PreprocessSpec, state_dict: dict[str, torch.Tensor],
-               position_stats: dict[str, torch.Tensor] | None = None) -> str:
-    """Identity of what scores frames: architecture, preprocessing, weights (and per-position statistics).
+               position_stats: dict[str, torch.Tensor] | None = None,
+               feature_gaussian: dict[str, torch.Tensor] | None = None) -> str:
+    """Identity of what scores frames: architecture, preprocessing, weights (and per-position statistics,
+    the feature Gaussian).
 
     Metrics or resume state may change without changing it, so calibrations stay valid.
     """
     h = hashlib.sha256()
     h.update(repr(sorted(model.to_dict().items())).encode())
     h.update(repr(sorted(spec.to_dict().items())).encode())
-    tensors = {**state_dict, **{f"position_stats.{k}": v for k, v in (position_stats or {}).items()}}
+    tensors = {**state_dict, **{f"position_stats.{k}": v for k, v in (position_stats or {}).items()},
+               **{f"feature_gaussian.{k}": v for k, v in (feature_gaussian or {}).items()}}
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         h.update(key.encode())
@@ -113,8 +128,12 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> str:
     buf = io.BytesIO()
     torch.save(ckpt.to_payload(), buf)
     atomic_write_bytes(path, buf.getvalue())
-    ckpt.model_id = weights_id(ckpt.model, ckpt.preprocess, ckpt.state_dict, ckpt.position_stats)
+    ckpt.model_id = ckpt_id(ckpt)
     return ckpt.model_id
+
+
+def ckpt_id(ckpt: Checkpoint) -> str:
+    return weights_id(ckpt.model, ckpt.preprocess, ckpt.state_dict, ckpt.position_stats, ckpt.feature_gaussian)
 
 
 def _require(payload: dict, key: str, kind: type | tuple[type, ...], path: Path):
@@ -157,6 +176,15 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     ):
         raise CheckpointError(f"{path}: invalid R-score statistics mu={mu!r} sigma={sigma!r}")
     positions = _position_stats(payload.get("position_stats"), spec, path)
+    gaussian = payload.get("feature_gaussian")
+    if gaussian is not None:
+        if spec.patched:
+            raise CheckpointError(f"{path}: a feature Gaussian (score mahalanobis) belongs to whole-image models, "
+                                  "not to a patch model")
+        try:
+            gaussian = fgauss.check(gaussian, model_cfg.disc_width)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
     ckpt = Checkpoint(
         model=model_cfg,
         preprocess=spec,
@@ -169,8 +197,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         created_at=str(payload.get("created_at", "")),
         resume=payload.get("resume"),
         position_stats=positions,
+        feature_gaussian=gaussian,
     )
-    ckpt.model_id = weights_id(model_cfg, spec, state, positions)
+    ckpt.model_id = ckpt_id(ckpt)
     return ckpt
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import ops
+from . import feature_gaussian, ops
 from .checkpoint import Checkpoint, load_checkpoint
 from .model import bake_spectral_norm
 from .runtimes import check_runtime
@@ -81,7 +81,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 class Scorer:
-    """Loads a checkpoint once; scores batches of images on one device. Returns R, never z or log A.
+    """Loads a checkpoint once; scores batches of images on one device. Returns the model's score (R, or
+    the Mahalanobis distance of R's feature difference for a checkpoint with a feature Gaussian), never
+    z or log A.
 
     Speed options (each measured; docs/benchmarks.md has the numbers):
     - runtime: "torch" (default), or "onnxruntime" / "openvino": the exported scoring graph on the
@@ -134,6 +136,9 @@ class Scorer:
         self.precision = precision
         self.compile_mode = compile_mode
         self.max_patches = max(1, int(max_patches))  # model inputs per forward when scoring tiled images
+        gaussian = self.checkpoint.feature_gaussian
+        if gaussian is not None and self.checkpoint.preprocess.patched:
+            raise ValueError("score mahalanobis (a feature Gaussian) is for whole-image models, not patch models")
         stats = self.checkpoint.position_stats
         self.positions_t = {k: v.float() for k, v in stats.items()} if stats is not None else None
         self.positions = {k: v.numpy().astype(np.float64) for k, v in self.positions_t.items()} if stats else None
@@ -142,6 +147,7 @@ class Scorer:
         with torch.no_grad():
             bake_spectral_norm(model)
         self.model = model.to(self.device, memory_format=self._memory_format).eval()
+        self.gaussian = {k: v.to(self.device) for k, v in gaussian.items()} if gaussian is not None else None
         self.spec = self.checkpoint.preprocess
         self._critic_map = self._critic_map_eager
         if compile_mode is not None:
@@ -193,9 +199,13 @@ class Scorer:
     def _empty(self, return_features: bool) -> Scores:
         return Scores(np.zeros(0), np.zeros((0, self.checkpoint.model.disc_width), np.float32) if return_features else None)
 
-    @staticmethod
-    def _scores(r, features, return_features: bool) -> Scores:
+    def _scores(self, r, features, return_features: bool) -> Scores:
+        """The score of each input: R, or the Mahalanobis distance of the feature difference where the
+        checkpoint carries a feature Gaussian (score mahalanobis)."""
         to_np = lambda t: t.detach().to("cpu").numpy() if isinstance(t, torch.Tensor) else np.asarray(t)  # noqa: E731
+        if self.gaussian is not None:
+            f = torch.as_tensor(features)
+            r = feature_gaussian.distance(f.to(self.gaussian["mean"].device), self.gaussian)
         return Scores(to_np(r).astype(np.float64), to_np(features).astype(np.float32, copy=False) if return_features else None)
 
     @torch.inference_mode()
@@ -209,8 +219,9 @@ class Scorer:
         if self.graph is not None:
             r, f = self.graph.run(self.graph.feed(x))
             return self._scores(r, f, return_features)
-        out = ops.pair_rscore(self.feature_map(x), return_features=return_features)
-        return self._scores(*(out if return_features else (out, None)), return_features)
+        with_features = return_features or self.gaussian is not None  # the distance needs them
+        out = ops.pair_rscore(self.feature_map(x), return_features=with_features)
+        return self._scores(*(out if with_features else (out, None)), return_features)
 
     def score_fitted(self, images: np.ndarray, *, return_features: bool = False) -> Scores:
         """uint8 [B, S, S, C] images already at a whole-image model's size (Scorer.fit) -> Scores. A graph
@@ -228,15 +239,18 @@ class Scorer:
 
     @torch.inference_mode()
     def _patch_outputs(self, tiles: np.ndarray, maps: bool) -> tuple[np.ndarray, torch.Tensor | None]:
-        """R of every model input (uint8 [n, P, P, C]) and, with `maps`, its anomaly map [n, h, w] (the
-        critic's resolution), in chunks of max_patches inputs per forward."""
+        """The score of every model input (uint8 [n, P, P, C]) and, with `maps`, its anomaly map [n, h, w]
+        (the critic's resolution), in chunks of max_patches inputs per forward."""
         r_parts, map_parts = [], []
         for i in range(0, len(tiles), self.max_patches):
             chunk = tiles[i:i + self.max_patches]
             if maps:  # the map needs the critic's activation: the torch modules, whatever the runtime
-                r, cell = ops.pair_rscore_map(self.feature_map(to_tensor(chunk)))
+                h = self.feature_map(to_tensor(chunk))
+                r, cell = ops.pair_rscore_map(h)
                 map_parts.append(cell.float().cpu())
-                r_parts.append(r.float().cpu().numpy())
+                if self.gaussian is not None:  # the score is the distance; the map stays R's per-position part
+                    r = self._scores(None, ops.pair_rscore(h, return_features=True)[1], False).r
+                r_parts.append(r.float().cpu().numpy() if isinstance(r, torch.Tensor) else r)
             else:
                 r_parts.append(self.score_fitted(chunk).r)
         r = np.concatenate(r_parts).astype(np.float64) if r_parts else np.zeros(0)

@@ -59,6 +59,11 @@ def test_gradient_penalty_of_a_linear_critic():
     assert gp.item() == pytest.approx((w.norm().item() - 1.0) ** 2, rel=1e-5)
     critic_unit = _Linear(w / w.norm())
     assert gradient_penalty(critic_unit, real, fake).item() == pytest.approx(0.0, abs=1e-8)
+    # one-sided: a gradient norm under 1 costs nothing, one over 1 costs as much as two-sided
+    critic_flat = _Linear(0.5 * w / w.norm())  # gradient norm 0.5 everywhere
+    assert gradient_penalty(critic_flat, real, fake).item() == pytest.approx(0.25, rel=1e-5)
+    assert gradient_penalty(critic_flat, real, fake, one_sided=True).item() == 0.0
+    assert w.norm() > 1 and gradient_penalty(critic, real, fake, one_sided=True).item() == pytest.approx(gp.item(), rel=1e-6)
     gp.backward()  # differentiable w.r.t. the critic's parameters (create_graph)
     assert critic.w.grad is not None and critic.w.grad.abs().sum() > 0
 
@@ -256,9 +261,9 @@ def test_gradient_penalty_on_a_subset_of_the_batch():
     seen = []
     original = gradient_penalty
 
-    def spy(critic, real, fake, generator=None):
+    def spy(critic, real, fake, generator=None, one_sided=False):
         seen.append(real.shape[0])
-        return original(critic, real, fake, generator)
+        return original(critic, real, fake, generator, one_sided)
 
     import training.losses as losses_module
     losses_module.gradient_penalty, saved = spy, losses_module.gradient_penalty
@@ -269,3 +274,27 @@ def test_gradient_penalty_on_a_subset_of_the_batch():
             assert seen[-1] == expected and logs["gp"] >= 0
     finally:
         losses_module.gradient_penalty = saved
+
+
+def test_lazy_gradient_penalty_runs_every_kth_critic_step_at_k_times_the_weight(monkeypatch):
+    """gradient_penalty.every = k: the penalty on critic steps 1, k+1, 2k+1, ..., weighted k * lambda, so the
+    mean pull matches the penalty on every step; between them the loss is the game value alone."""
+    import training.losses as losses_module
+    calls = []
+    monkeypatch.setattr(losses_module, "gradient_penalty",
+                        lambda critic, real, fake, generator=None, one_sided=False: calls.append(1) or torch.tensor(0.25))
+    model = _tiny_model().eval()
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    cfg = LossSection(gradient_penalty={"every": 3, "weight": 10.0}, interpolation={"enabled": False}, latent_reg=0.0)
+    objective = AMAObjective(cfg, mirrored=True)
+    with torch.no_grad():
+        d_real = model.discriminator(torch.cat([x, x], 1)).mean()
+        d_fake = model.discriminator(torch.cat([x, model.reconstruct(x)], 1)).mean()
+    penalised = []
+    for _ in range(7):
+        loss, logs = objective.critic_loss(model, x, None)
+        penalised.append(abs(loss.item() + (d_real - d_fake).item()) > 1.0)
+        assert logs["gp"] == 0.25  # every row carries the latest estimate
+    assert len(calls) == 3 and penalised == [True, False, False, True, False, False, True]
+    torch.testing.assert_close(loss.detach(), -(d_real - d_fake) + 3 * 10.0 * 0.25, rtol=1e-4, atol=1e-4)
+

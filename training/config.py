@@ -35,6 +35,12 @@ class GradientPenaltySection(Section):
     # the double backward is the costly part on CPUs, and a subset is still an unbiased estimate;
     # distributed training splits them over the processes
     samples: int | None = Field(None, ge=1)
+    # lazy regularisation (as StyleGAN2 does for R1): the penalty on every k-th critic step only, its
+    # weight multiplied by k, so the same pull at 1/k of the double-backward cost
+    every: int = Field(1, ge=1)
+    # one-sided (Petzka et al. 2018, WGAN-LP): penalise only gradient norms above 1, the Lipschitz bound
+    # itself, instead of pulling every norm to exactly 1
+    one_sided: bool = False
 
 
 class InterpolationSection(Section):
@@ -139,6 +145,10 @@ class TrainConfig(AmaSettings):
     # the calibration policy `ama-stream calibrate` uses for this model unless told otherwise: upper
     # where unusually LOW R-scores are not a sign of anomaly for this data (docs/results.md measures it)
     policy: Literal["two-sided", "upper"] = "two-sided"
+    # the model's score: r, the paper's R-score (L1 norm of the critic feature difference), or
+    # mahalanobis, that difference's Mahalanobis distance under a Gaussian fitted on good training
+    # images (ama_stream.feature_gaussian; whole-image models only). docs/results.md measures both
+    score: Literal["r", "mahalanobis"] = "r"
     seed: int = 0  # seeds weights, data order, negatives and the test sampling
     device: str = "auto"  # auto (first CUDA device, else CPU), cpu or cuda:N
     data_root: str | None = None  # AMA_DATA_ROOT; relative data roots resolve against it
@@ -147,6 +157,8 @@ class TrainConfig(AmaSettings):
     def _check_model_fits_data(self):
         if not self.data.shape_is_auto:  # "auto" is checked once resolved from the data
             self.model_config_for_data()  # raises ValueError with a clear message if not
+        if self.score == "mahalanobis" and self.data.patch is not None:
+            raise ValueError("score: mahalanobis is for whole-image models; a patch model (data.patch) scores with r")
         return self
 
     def model_config_for_data(self) -> ModelConfig:

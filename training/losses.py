@@ -9,7 +9,8 @@ One game value V, which the critic D maximises and the encoder/generator (E, G) 
 The negative term enters with a minus sign: E and G are pushed to reconstruct negatives badly.
 As in the authors' code, where negatives are samples of the batch labelled -l_neg, each negative
 weighs l_neg times a normal sample: the term's weight is l_neg * n_neg / B, not l_neg.
-E/G also pay l_reg * E||E(x)||_2 (normal samples only); the critic pays the gradient penalty.
+E/G also pay l_reg * E||E(x)||_2 (normal samples only); the critic pays the gradient penalty (on every
+k-th critic step when lazy).
 All critic evaluations of a step go through ONE forward pass over the concatenated pairs; the E/G
 forward that builds them is one method used by both steps.
 """
@@ -74,12 +75,14 @@ def simplex_mix(codes: torch.Tensor, k: int, alpha_max: float, generator: torch.
 
 
 def gradient_penalty(critic, real_pairs: torch.Tensor, fake_pairs: torch.Tensor,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """WGAN-GP: E[(||grad D(u)||_2 - 1)^2] on u between (x, x) and (x, x_hat), per-sample norm."""
+                     generator: torch.Generator | None = None, one_sided: bool = False) -> torch.Tensor:
+    """WGAN-GP: E[(||grad D(u)||_2 - 1)^2] on u between (x, x) and (x, x_hat), per-sample norm;
+    one-sided: E[max(0, ||grad D(u)||_2 - 1)^2]."""
     eps = torch.rand(real_pairs.shape[0], 1, 1, 1, generator=generator, device="cpu").to(real_pairs)
     u = (eps * real_pairs + (1 - eps) * fake_pairs).detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(u).sum(), u, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
+    excess = grad.flatten(1).norm(dim=1) - 1.0
+    return (excess.clamp_min(0) if one_sided else excess).square().mean()
 
 
 def _training_batchnorms(modules) -> list[_BatchNorm]:
@@ -139,6 +142,8 @@ class AMAObjective:
         self.mirrored = mirrored
         self.w_inter = cfg.interpolation.weight if cfg.interpolation.enabled else 0.0
         self.aux_bn = cfg.aux_bn
+        self._critic_steps = 0  # counts critic_loss calls: the lazy gradient penalty's clock
+        self._last_gp = 0.0  # set on the first critic step, before it is first logged
 
     def _aux(self, *modules: nn.Module):
         """How BatchNorm behaves in an auxiliary pass of `modules` (LossSection.aux_bn)."""
@@ -214,15 +219,19 @@ class AMAObjective:
         loss = -game_value(scores, self.w_inter, self._w_neg(x, z_neg))
         logs = {"wasserstein": float((scores.real.mean() - scores.recon.mean()).detach())}
         gp_cfg = self.cfg.gradient_penalty
-        if gp_cfg.enabled and gp_cfg.weight > 0:
+        due = self._critic_steps % gp_cfg.every == 0  # the first step, then every k-th
+        self._critic_steps += 1
+        if gp_cfg.enabled and gp_cfg.weight > 0 and due:
             xs, x_hats = x, im.x_hat
             if gp_cfg.samples is not None and gp_cfg.samples < x.shape[0]:
                 idx = torch.randperm(x.shape[0], generator=generator)[: gp_cfg.samples].to(x.device)
                 xs, x_hats = x[idx], x_hats[idx]
             gp = gradient_penalty(model.discriminator, pair(xs, xs, self.mirrored), pair(xs, x_hats, self.mirrored),
-                                  generator)
-            loss = loss + gp_cfg.weight * gp
-            logs["gp"] = float(gp.detach())
+                                  generator, one_sided=gp_cfg.one_sided)
+            loss = loss + gp_cfg.weight * gp_cfg.every * gp
+            self._last_gp = float(gp.detach())
+        if gp_cfg.enabled and gp_cfg.weight > 0:
+            logs["gp"] = self._last_gp  # lazy: the latest estimate, so every logged row has the column
         logs["loss_d"] = float(loss.detach())
         return loss, logs
 

@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ama_stream import sensitivity
 from ama_stream.calibration import Calibration
+from ama_stream import feature_gaussian
 from ama_stream.checkpoint import Checkpoint, save_checkpoint
 from ama_stream.fileio import atomic_write_bytes
 from ama_stream.model import AMA, pair
@@ -342,11 +343,10 @@ class Trainer:
         val = self.data.val
         if val is None or int(np.sum(val.labels)) == 0 or epoch < self.cfg.train.select_from_epoch:
             return
-        scorer = self._scorer(mu=0.0, sigma=1.0)  # R does not depend on mu/sigma
-        fit_images = self._fit_subset()
-        mu, sigma = fit_gaussian(scorer.r_scores(fit_images, desc="fitting mu/sigma"))
-        calibration = Calibration.from_checkpoint(self._checkpoint(mu, sigma, len(fit_images)))
-        metrics = detection_metrics(scorer.r_scores(val.images, desc="validation"), val.labels, calibration)
+        ckpt, _, _ = self._fitted_checkpoint(self._fit_subset())
+        calibration = Calibration.from_checkpoint(ckpt)
+        metrics = detection_metrics(Scorer(ckpt, device=self.device).r_scores(val.images, desc="validation"),
+                                    val.labels, calibration)
         if metrics["auroc_a"] > self.state.best_score:
             self.state.best_score, self.state.best_epoch = metrics["auroc_a"], epoch
             self.best_weights = copy.deepcopy(self.model.state_dict())
@@ -401,8 +401,25 @@ class Trainer:
             metrics=metrics or {},
         )
 
-    def _scorer(self, mu: float, sigma: float) -> Scorer:
-        return Scorer(self._checkpoint(mu, sigma, 0), device=self.device)
+    def _fitted_checkpoint(self, fit_images: np.ndarray) -> tuple[Checkpoint, np.ndarray, np.ndarray]:
+        """The checkpoint of the current weights with what is fitted on good images: the feature Gaussian
+        (score mahalanobis: on every other fit image, so mu/sigma below see distances of images it was
+        not fitted on), per-position statistics (aligned patch models), then mu/sigma of the scores.
+        Returns it, the images mu/sigma were fitted on and their scores."""
+        ckpt = self._checkpoint(0.0, 1.0, 0)
+        if self.cfg.score == "mahalanobis":
+            scorer, even = Scorer(ckpt, device=self.device), fit_images[0::2]
+            ckpt.feature_gaussian = feature_gaussian.fit(np.concatenate([feature_gaussian.feature_difference(
+                scorer.score_fitted(even[i:i + 256], return_features=True).features) for i in range(0, len(even), 256)]))
+            fit_images = fit_images[1::2]
+        scorer = Scorer(ckpt, device=self.device)
+        if self.cfg.data.preprocess_spec().frame_size:
+            ckpt.position_stats, r_fit = fit_position_stats(scorer, fit_images, self.cfg.data.top_k)
+        else:
+            r_fit = scorer.r_scores(fit_images, desc="fitting mu/sigma on training images")
+        ckpt.mu, ckpt.sigma = fit_gaussian(r_fit)
+        ckpt.n_train = len(fit_images)
+        return ckpt, fit_images, r_fit
 
     def _fit_subset(self) -> np.ndarray:
         n = min(len(self.train_images), self.cfg.train.fit_max_images)
@@ -413,17 +430,9 @@ class Trainer:
         """Fit mu/sigma of the training R-scores (a patch model for aligned parts: first the per-position
         statistics, then mu/sigma of the image scores under them), evaluate on the test protocol, write
         outputs."""
-        scorer = self._scorer(mu=0.0, sigma=1.0)
-        fit_images = self._fit_subset()
-        positions = None
-        if self.cfg.data.preprocess_spec().frame_size:
-            positions, r_fit = fit_position_stats(scorer, fit_images, self.cfg.data.top_k)
-        else:
-            r_fit = scorer.r_scores(fit_images, desc="fitting mu/sigma on training images")
-        mu, sigma = fit_gaussian(r_fit)
-        log.info("training R-scores: mu=%.6g sigma=%.6g (n=%d)", mu, sigma, len(fit_images))
-        ckpt = self._checkpoint(mu, sigma, len(fit_images))
-        ckpt.position_stats = positions
+        ckpt, fit_images, r_fit = self._fitted_checkpoint(self._fit_subset())
+        mu, sigma = ckpt.mu, ckpt.sigma
+        log.info("training %s-scores: mu=%.6g sigma=%.6g (n=%d)", ckpt.score_name, mu, sigma, ckpt.n_train)
         metrics: dict = {"epochs": self.state.epoch, "steps": self.state.step, "train_images": len(self.train_images),
                          "train_wall_s": round(time.monotonic() - getattr(self, "_started", time.monotonic()), 1)}
         if self.state.best_epoch >= 0 and self.best_weights is not None:
