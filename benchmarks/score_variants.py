@@ -68,9 +68,14 @@ class ScoreBank:
 
     def __init__(self, scorer: Scorer, fit_images: np.ndarray):
         self.scorer = scorer
+        # "r" is always R: a checkpoint trained with score mahalanobis carries its own Gaussian, which
+        # maha_features re-fits here on the same footing as the other corrections
+        scorer.gaussian = None
         self.model = scorer.checkpoint.build_model().eval()
         raw = self._raw(fit_images)
         self.mu, self.sigma = scorer.checkpoint.mu, scorer.checkpoint.sigma
+        if scorer.checkpoint.feature_gaussian is not None:  # its mu/sigma are of the distance: A needs R's
+            self.mu, self.sigma = float(raw["r"].mean()), float(raw["r"].std())
         design = np.stack([np.ones(len(raw["r"])), raw["L"]], axis=1)
         self.coef, *_ = np.linalg.lstsq(design, raw["r"], rcond=None)
         self.gauss = {k: self._fit_gaussian(raw[k]) for k in ("d", "codes")}

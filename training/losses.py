@@ -142,7 +142,9 @@ class AMAObjective:
         self.mirrored = mirrored
         self.w_inter = cfg.interpolation.weight if cfg.interpolation.enabled else 0.0
         self.aux_bn = cfg.aux_bn
-        self._critic_steps = 0  # counts critic_loss calls: the lazy gradient penalty's clock
+        # the lazy gradient penalty's clock: counts critic_loss calls; the trainer sets it from its step
+        # counter before each critic step, so a resumed run keeps the schedule
+        self.critic_step = 0
         self._last_gp = 0.0  # set on the first critic step, before it is first logged
 
     def _aux(self, *modules: nn.Module):
@@ -219,8 +221,8 @@ class AMAObjective:
         loss = -game_value(scores, self.w_inter, self._w_neg(x, z_neg))
         logs = {"wasserstein": float((scores.real.mean() - scores.recon.mean()).detach())}
         gp_cfg = self.cfg.gradient_penalty
-        due = self._critic_steps % gp_cfg.every == 0  # the first step, then every k-th
-        self._critic_steps += 1
+        due = self.critic_step % gp_cfg.every == 0  # the first step, then every k-th
+        self.critic_step += 1
         if gp_cfg.enabled and gp_cfg.weight > 0 and due:
             xs, x_hats = x, im.x_hat
             if gp_cfg.samples is not None and gp_cfg.samples < x.shape[0]:

@@ -60,7 +60,8 @@ def _plain(obj):
 
 
 CRITIC_TERMS = ("wasserstein", "loss_d", "d_recon", "loss_g", "gp")  # logged values on the critic's scale
-GUARD_REMEDY = ("model.spectral_norm: true (or loss.gradient_penalty.enabled: true) keeps the critic bounded; "
+GUARD_REMEDY = ("model.spectral_norm: true (or loss.gradient_penalty.enabled: true, with every: 4 to keep its cost "
+                "low) keeps the critic bounded; "
                 "a lower optim.lr or fewer steps (train.max_steps) also help")
 
 
@@ -180,7 +181,8 @@ class Trainer:
                     codes = self.model.encoder(x)
             z_neg = sample_negatives(ncfg, n_neg, self.model_cfg.nz, codes, self.gen, device=x.device)
         d = self.model.discriminator
-        for _ in range(self.cfg.optim.d_steps):
+        for j in range(self.cfg.optim.d_steps):
+            self.objective.critic_step = self.state.step * self.cfg.optim.d_steps + j
             self.opt_d.zero_grad(set_to_none=True)
             if self._steps is None:
                 loss_d, logs_d = self.objective.critic_loss(self.model, x, z_neg, self.gen)
