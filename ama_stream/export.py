@@ -12,7 +12,9 @@ axis, traced from the same modules the torch Scorer runs (spectral norm baked in
     output r       float32 [B]        R-scores
            features float32 [2B, W]   the critic's sum-pooled features f, (x, x) rows then (x, x_hat) rows
 
-Only R: z, log A and decisions come from a Calibration, as for the torch Scorer. The file carries
+Only R: z, log A and decisions come from a Calibration, as for the torch Scorer. For a checkpoint
+trained with `score: mahalanobis` the graph is the same; the Scorer that runs it turns the features
+into the model's score (ama_stream.feature_gaussian), so read `r` there as R, not the model's score. The file carries
 metadata (ONNX metadata_props / OpenVINO rt_info "ama_stream"): format, version, model_id (the
 checkpoint's), input kind, image size and channels, so a Scorer refuses a graph of another model.
 ONNX goes through `torch.onnx.export` (the dynamo exporter: packages onnx and onnxscript); the

@@ -90,3 +90,35 @@ def test_a_checkpoint_with_a_broken_gaussian_or_on_a_patch_model_is_refused(maha
         load_checkpoint(tmp_path / "neg.pt")
     with pytest.raises(ValueError, match="whole-image models"):
         tiny_config("score=mahalanobis", "data.patch={size: 32, stride: 16}")
+
+
+def test_the_exported_graph_path_gives_the_distance_too(mahalanobis_model):
+    """An exported graph outputs R and the pooled features; the Scorer running it returns the distance."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    _, path = mahalanobis_model
+    images = synthetic_data().test.images[::4]
+    torch_scores = Scorer(path, device="cpu").score_images(images).r
+    graph_scores = Scorer(path, runtime="onnxruntime").score_images(images).r
+    np.testing.assert_allclose(graph_scores, torch_scores, rtol=1e-3)
+
+
+def test_calibrate_fits_mu_sigma_of_the_distance(mahalanobis_model, tmp_path, capsys):
+    from PIL import Image
+
+    from ama_stream.calibration import load_calibration
+    from ama_stream.cli import main
+
+    _, path = mahalanobis_model
+    images = synthetic_data(seed=3).train[:40]
+    (tmp_path / "good").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image[..., 0]).save(tmp_path / "good" / f"{i:03d}.png")
+    out = tmp_path / "cal.json"
+    assert main(["calibrate", "--checkpoint", str(path), "--source", f"folder:{tmp_path / 'good'}", "--out", str(out),
+                 "--device", "cpu"]) == 0, capsys.readouterr().err
+    scorer = Scorer(path, device="cpu")
+    distances = scorer.score_images(list(images)).r
+    calibration = load_calibration(out, scorer.model_id)
+    assert calibration.global_entry.mu == pytest.approx(distances.mean(), rel=1e-6)
+    assert calibration.global_entry.sigma == pytest.approx(distances.std(), rel=1e-6)

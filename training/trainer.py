@@ -22,9 +22,8 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ama_stream import sensitivity
+from ama_stream import feature_gaussian, sensitivity
 from ama_stream.calibration import Calibration
-from ama_stream import feature_gaussian
 from ama_stream.checkpoint import Checkpoint, save_checkpoint
 from ama_stream.fileio import atomic_write_bytes
 from ama_stream.model import AMA, pair
