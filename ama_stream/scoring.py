@@ -159,6 +159,10 @@ class Scorer:
 
             self.graph = open_runtime(runtime, self.checkpoint, runtime_model, runtime_threads,
                                       export=lambda: onnx_proto(self.checkpoint))
+            if gaussian is not None and self.graph.metadata.get("quantized") == "int8":
+                from .export import INT8_MAHALANOBIS
+
+                raise ValueError(INT8_MAHALANOBIS)
         log.debug(
             "scorer on %s: runtime=%s channels_last=%s precision=%s compile_mode=%s ops backend=%s",
             self.device, runtime, self.channels_last, precision, compile_mode, ops.backend(self.device),

@@ -178,7 +178,7 @@ ENV_PREFIX = "AMA_"
 # can hold both. tests/test_settings.py keeps these sets equal to the models' fields.
 TOOL_ENV = frozenset({"data_root", "cache_dir", "log_level", "log_json", "debug", "require_compiled", "skip_cuda",
                       "force_cuda", "test_bootstrap"})
-TRAIN_KEYS = frozenset({"data", "model", "loss", "optim", "train", "policy", "seed", "device", "data_root"})
+TRAIN_KEYS = frozenset({"data", "model", "loss", "optim", "train", "policy", "score", "seed", "device", "data_root"})
 AGENT_KEYS = frozenset({"kafka", "topics", "group_id", "delivery", "agent_id", "batching", "limits", "metrics",
                         "retry", "device", "runtime", "torch_threads", "checkpoint", "calibration",
                         "calibration_check_s", "model_reload", "model_dirs", "control_key", "drift", "max_frames",
