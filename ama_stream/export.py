@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import feature_gaussian
 from .checkpoint import Checkpoint, load_checkpoint
 from .model import AMA, bake_spectral_norm
 from .ops import pair_rscore_reference
@@ -244,12 +245,6 @@ def quantize_onnx_int8(source: str | os.PathLike, out: str | os.PathLike, images
     return out
 
 
-# measured on the Fashion-MNIST preset (docs/benchmarks.md): INT8 features lose the precision the
-# whitened distance needs in the critic's quiet directions
-INT8_MAHALANOBIS = ("INT8 quantization is refused for a model with score mahalanobis: its distance amplifies the "
-                    "quantization error (measured AUROC 0.69 against 0.98 in float32); export float32 instead")
-
-
 def export_onnx_int8(checkpoint: Checkpoint, out: str | os.PathLike, images: np.ndarray,
                      input_kind: str = "float") -> list[Path]:
     """The ONNX graph quantized to INT8 (quantize_onnx_int8), calibrated on `images`: known-normal images
@@ -259,7 +254,7 @@ def export_onnx_int8(checkpoint: Checkpoint, out: str | os.PathLike, images: np.
 
     require("onnxruntime", "INT8 quantization")
     if checkpoint.feature_gaussian is not None:
-        raise ValueError(INT8_MAHALANOBIS)
+        raise ValueError(feature_gaussian.INT8_REFUSED)
     if len(images) == 0:
         raise ValueError("INT8 quantization needs normal images to calibrate on; the source gave none")
     inputs = images if input_kind == "uint8" else to_tensor(images).numpy()

@@ -160,9 +160,7 @@ class Scorer:
             self.graph = open_runtime(runtime, self.checkpoint, runtime_model, runtime_threads,
                                       export=lambda: onnx_proto(self.checkpoint))
             if gaussian is not None and self.graph.metadata.get("quantized") == "int8":
-                from .export import INT8_MAHALANOBIS
-
-                raise ValueError(INT8_MAHALANOBIS)
+                raise ValueError(feature_gaussian.INT8_REFUSED)
         log.debug(
             "scorer on %s: runtime=%s channels_last=%s precision=%s compile_mode=%s ops backend=%s",
             self.device, runtime, self.channels_last, precision, compile_mode, ops.backend(self.device),
@@ -253,8 +251,8 @@ class Scorer:
                 r, cell = ops.pair_rscore_map(h)
                 map_parts.append(cell.float().cpu())
                 if self.gaussian is not None:  # the score is the distance; the map stays R's per-position part
-                    r = self._scores(None, ops.pair_rscore(h, return_features=True)[1], False).r
-                r_parts.append(r.float().cpu().numpy() if isinstance(r, torch.Tensor) else r)
+                    r = feature_gaussian.distance(ops.pair_rscore(h, return_features=True)[1], self.gaussian)
+                r_parts.append(r.cpu().numpy())
             else:
                 r_parts.append(self.score_fitted(chunk).r)
         r = np.concatenate(r_parts).astype(np.float64) if r_parts else np.zeros(0)

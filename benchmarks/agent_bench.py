@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from kafka import KafkaConsumer
-from PIL import Image
 from kafka.structs import TopicPartition
+from PIL import Image
 
 from ama_stream.kafka_tools.broker import EMBEDDED_CONSUMER, EmbeddedBroker
 from ama_stream.kafka_tools.feed import frame_headers

@@ -23,6 +23,7 @@ Rows go to benchmarks/results/score_variants.jsonl.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import sys
@@ -36,10 +37,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sklearn.covariance import LedoitWolf  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from ama_stream.checkpoint import load_checkpoint  # noqa: E402
+from ama_stream import feature_gaussian  # noqa: E402
+from ama_stream.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from ama_stream.logs import configure_logging  # noqa: E402
 from ama_stream.preprocess import to_tensor  # noqa: E402
 from ama_stream.scoring import Scorer  # noqa: E402
@@ -66,24 +67,17 @@ def complexity(images: np.ndarray) -> np.ndarray:
 class ScoreBank:
     """Every score of a set of fitted images, from one Scorer pass and one encoder pass."""
 
-    def __init__(self, scorer: Scorer, fit_images: np.ndarray):
-        self.scorer = scorer
-        # "r" is always R: a checkpoint trained with score mahalanobis carries its own Gaussian, which
-        # maha_features re-fits here on the same footing as the other corrections
-        scorer.gaussian = None
-        self.model = scorer.checkpoint.build_model().eval()
+    def __init__(self, ckpt: Checkpoint, fit_images: np.ndarray):
+        # "r" is always R: a checkpoint trained with score mahalanobis carries its own Gaussian (and
+        # mu/sigma of its distance); maha_features re-fits one here on the same footing as the others
+        own_gaussian = ckpt.feature_gaussian is not None
+        self.scorer = Scorer(dataclasses.replace(ckpt, feature_gaussian=None), "cpu")
+        self.model = ckpt.build_model().eval()
         raw = self._raw(fit_images)
-        self.mu, self.sigma = scorer.checkpoint.mu, scorer.checkpoint.sigma
-        if scorer.checkpoint.feature_gaussian is not None:  # its mu/sigma are of the distance: A needs R's
-            self.mu, self.sigma = float(raw["r"].mean()), float(raw["r"].std())
+        self.mu, self.sigma = (float(raw["r"].mean()), float(raw["r"].std())) if own_gaussian else (ckpt.mu, ckpt.sigma)
         design = np.stack([np.ones(len(raw["r"])), raw["L"]], axis=1)
         self.coef, *_ = np.linalg.lstsq(design, raw["r"], rcond=None)
-        self.gauss = {k: self._fit_gaussian(raw[k]) for k in ("d", "codes")}
-
-    @staticmethod
-    def _fit_gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        lw = LedoitWolf().fit(x)
-        return lw.location_, lw.precision_
+        self.gauss = {k: feature_gaussian.fit(raw[k]) for k in ("d", "codes")}
 
     def _raw(self, images: np.ndarray) -> dict[str, np.ndarray]:
         scores = self.scorer.score_images(images, return_features=True)
@@ -91,7 +85,7 @@ class ScoreBank:
         n = len(images)
         with torch.no_grad():
             codes = torch.cat([self.model.encoder(to_tensor(images[i:i + 512])) for i in range(0, n, 512)])
-        return {"r": scores.r, "d": (f[:n] - f[n:]).astype(np.float64), "codes": codes.numpy().astype(np.float64),
+        return {"r": scores.r, "d": feature_gaussian.feature_difference(f).astype(np.float64), "codes": codes.numpy().astype(np.float64),
                 "L": complexity(images)}
 
     def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -99,9 +93,7 @@ class ScoreBank:
         out = {"r": raw["r"], "a": np.abs((raw["r"] - self.mu) / self.sigma),
                "r_complexity": raw["r"] - (self.coef[0] + self.coef[1] * raw["L"])}
         for key, name in (("d", "maha_features"), ("codes", "maha_codes")):
-            mean, precision = self.gauss[key]
-            diff = raw[key] - mean
-            out[name] = np.einsum("ij,jk,ik->i", diff, precision, diff)
+            out[name] = feature_gaussian.mahalanobis(torch.from_numpy(raw[key]), self.gauss[key]).numpy()
         return out
 
 
@@ -151,7 +143,7 @@ def main() -> int:
     held_out = load_images(SourceSpec(format=normal.format, root=normal.root, split="test"), data_root,
                            image_spec, cfg.seed).images
     normal_val, normal_test = held_out[0::2], held_out[1::2]
-    bank = ScoreBank(Scorer(ckpt, "cpu"), train_normals)
+    bank = ScoreBank(ckpt, train_normals)
     val_normal_scores = bank.scores(normal_val)
     val = {}
     for name, images in validation_sets(cfg, image_spec, data_root, normal_val, args.n, cfg.seed).items():

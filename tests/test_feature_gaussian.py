@@ -122,3 +122,23 @@ def test_calibrate_fits_mu_sigma_of_the_distance(mahalanobis_model, tmp_path, ca
     calibration = load_calibration(out, scorer.model_id)
     assert calibration.global_entry.mu == pytest.approx(distances.mean(), rel=1e-6)
     assert calibration.global_entry.sigma == pytest.approx(distances.std(), rel=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("score=euclid", "score"), ("score=[r]", "score"),
+    ("loss.gradient_penalty.every=0", "every"), ("loss.gradient_penalty.every=-3", "every"),
+    ("loss.gradient_penalty.one_sided=maybe", "one_sided"),
+])
+def test_bad_score_and_penalty_settings_are_refused_with_their_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(override)
+
+
+def test_a_checkpoint_whose_gaussian_is_not_a_dict_of_tensors_is_refused(mahalanobis_model, tmp_path):
+    _, path = mahalanobis_model
+    payload = torch.load(path, weights_only=True)
+    for bad in ("mahalanobis", [1.0, 2.0], {"mean": "0", "precision": "1"}, {"mean": torch.zeros(())}):
+        payload["feature_gaussian"] = bad
+        torch.save(payload, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match="feature_gaussian"):
+            load_checkpoint(tmp_path / "bad.pt")
