@@ -7,7 +7,7 @@ import torch
 from ama_stream import feature_gaussian
 from ama_stream.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ama_stream.scoring import Scorer
-from tests.test_training import synthetic_data, tiny_config
+from test_training import synthetic_data, tiny_config
 from training.trainer import train
 
 
