@@ -142,3 +142,17 @@ def test_a_checkpoint_whose_gaussian_is_not_a_dict_of_tensors_is_refused(mahalan
         torch.save(payload, tmp_path / "bad.pt")
         with pytest.raises(CheckpointError, match="feature_gaussian"):
             load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_the_report_names_the_distance_on_its_score_axis(mahalanobis_model, tmp_path, monkeypatch):
+    from training import report
+
+    _, path = mahalanobis_model
+    scorer = Scorer(path, device="cpu")
+    images = synthetic_data().test.images[:16]
+    scores = scorer.score_images(images).r
+    labels = []
+    real_save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, p: labels.append(fig.axes[0].get_xlabel()) or real_save(fig, p))
+    report.write_report(tmp_path, scorer, title="t", metrics={}, normal_images=images, r_normal=scores)
+    assert labels[0] == "Mahalanobis distance"

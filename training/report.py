@@ -44,8 +44,8 @@ def _save(fig, path: Path) -> str:
 
 
 def plot_scores(path: Path, r_normal: np.ndarray, r_anomaly: np.ndarray | None = None,
-                normal_label: str = "normal") -> str:
-    """Histogram densities of R (log-spaced bins when R spans decades)."""
+                normal_label: str = "normal", score_label: str = "R-score") -> str:
+    """Histogram densities of the model's score (log-spaced bins when it spans decades)."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     values = [r_normal] if r_anomaly is None or len(r_anomaly) == 0 else [r_normal, r_anomaly]
     allv = np.concatenate(values)
@@ -58,9 +58,9 @@ def plot_scores(path: Path, r_normal: np.ndarray, r_anomaly: np.ndarray | None =
         ax.hist(r_anomaly, bins=bins, density=True, alpha=0.6, label=f"anomaly (n={len(r_anomaly)})", color="tab:red")
     if log_bins:
         ax.set_xscale("log")
-    ax.set_xlabel("R-score")
+    ax.set_xlabel(score_label)
     ax.set_ylabel("density")
-    ax.set_title("R-score densities")
+    ax.set_title(f"{score_label} densities")
     ax.legend()
     return _save(fig, path)
 
@@ -335,10 +335,13 @@ def write_report(out_dir: str | Path, scorer, *, title: str, metrics: Mapping[st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     has_anomalies = anomaly_images is not None and r_anomaly is not None and len(r_anomaly) > 0
-    images = [plot_scores(out / "scores.png", r_normal, r_anomaly if has_anomalies else None, normal_label)]
+    # the axis names the model's score: R, or the Mahalanobis distance of a `score: mahalanobis` model
+    score_label = "R-score" if scorer.checkpoint.score_name == "R" else "Mahalanobis distance"
+    images = [plot_scores(out / "scores.png", r_normal, r_anomaly if has_anomalies else None, normal_label,
+                          score_label)]
     if has_anomalies:
         labels = np.concatenate([np.zeros(len(r_normal), int), np.ones(len(r_anomaly), int)])
-        curves = {"R-score": np.concatenate([r_normal, r_anomaly])}
+        curves = {score_label: np.concatenate([r_normal, r_anomaly])}
         if a_normal is not None and a_anomaly is not None:
             curves["A-score"] = np.concatenate([a_normal, a_anomaly])
         images += plot_roc_pr(out / "roc.png", out / "pr.png", labels, curves)
