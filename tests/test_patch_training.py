@@ -71,7 +71,8 @@ def test_patch_model_with_synthetic_negatives_trains_and_ranks_spots_above_good_
         "data.normal={format: folder, root: unused}", "data.scale=1.0", "data.channels=1", "data.patch.size=16",
         "data.patch.stride=8", "data.frame_size=[48, 96]", "model.nz=8", "model.enc_width=8", "model.gen_width=8",
         "model.disc_width=8", "train.batch_size=16", "train.epochs=2", "train.steps_per_epoch=15",
-        "train.fit_max_images=96", "loss.negatives.start_epoch=0", "device=cpu"]))
+        "train.fit_max_images=96", "loss.negatives.enabled=true", "loss.negatives.mode=synthetic",
+        "loss.negatives.start_epoch=0", "device=cpu"]))
     ckpt = train(cfg, data=ProtocolData(train_images, (), empty, test))
     assert ckpt.metrics["steps"] == 30 and ckpt.position_stats is not None
     assert ckpt.preprocess.frame_size == (48, 96) and ckpt.preprocess.patch_stride == 8
