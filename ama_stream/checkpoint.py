@@ -101,6 +101,11 @@ class Checkpoint:
         """What the model's score is: "R" or "Mahalanobis" (the feature Gaussian's distance)."""
         return "R" if self.feature_gaussian is None else "Mahalanobis"
 
+    @property
+    def score_label(self) -> str:
+        """How plots and tables name the model's score for a person."""
+        return "R-score" if self.feature_gaussian is None else "Mahalanobis distance"
+
 
 def weights_id(model: ModelConfig, spec: PreprocessSpec, state_dict: dict[str, torch.Tensor],
                position_stats: dict[str, torch.Tensor] | None = None,

@@ -156,3 +156,15 @@ def test_the_report_names_the_distance_on_its_score_axis(mahalanobis_model, tmp_
     monkeypatch.setattr(report, "_save", lambda fig, p: labels.append(fig.axes[0].get_xlabel()) or real_save(fig, p))
     report.write_report(tmp_path, scorer, title="t", metrics={}, normal_images=images, r_normal=scores)
     assert labels[0] == "Mahalanobis distance"
+
+
+def test_the_evaluate_table_names_the_distance_too():
+    from training.evaluate import human_table
+
+    metrics = {"auroc_a": 0.9, "auroc_r": 0.95, "aupr_a": 0.8, "aupr_r": 0.85, "n_normal": 10, "n_anomaly": 5,
+               "holdout_n": 10, "holdout_far_checkpoint": 0.0, "holdout_r_p50": 3.0, "holdout_r_p01": 1.0,
+               "holdout_r_p99": 6.0, "holdout_recon_l1": 0.1}
+    table = human_table(metrics, "Mahalanobis distance").splitlines()
+    assert table[0].endswith("A-score  Mahalanobis distance") and table[1].split() == ["AUROC", "0.9000", "0.9500"]
+    assert "Mahalanobis distance median 3" in table[-1] and "R-score" not in "\n".join(table)
+    assert human_table(metrics).splitlines()[0].endswith("A-score   R-score")  # R models keep their table

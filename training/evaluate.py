@@ -109,22 +109,23 @@ def full_metrics(r: np.ndarray, labels: np.ndarray, calibration: Calibration, se
     return {**detection_metrics(r, labels, calibration), **operating_points(r, labels, calibration.model_id, seed)}
 
 
-def human_table(metrics: dict) -> str:
+def human_table(metrics: dict, score_label: str = "R-score") -> str:
     """A short table for a person (stderr), beside the JSON line for scripts (stdout). The recall rows
     use thresholds fitted on held-out normals: two-sided |z| for the A-score, upper z for R."""
     lines = []
     if "auroc_a" in metrics:
-        lines.append(f"{'':32}{'A-score':>10}{'R-score':>10}")
+        w = max(10, len(score_label) + 2)  # the score column fits its name (R-score, Mahalanobis distance)
+        lines.append(f"{'':32}{'A-score':>10}{score_label:>{w}}")
         for label, key in (("AUROC", "auroc"), ("AUPR", "aupr")):
-            lines.append(f"{label:32}{metrics[key + '_a']:>10.4f}{metrics[key + '_r']:>10.4f}")
+            lines.append(f"{label:32}{metrics[key + '_a']:>10.4f}{metrics[key + '_r']:>{w}.4f}")
         for fpr in OPERATING_FPRS:
             a, r = metrics.get(f"recall_two-sided@{fpr:g}"), metrics.get(f"recall_upper@{fpr:g}")
             if a is not None and r is not None:
-                lines.append(f"{f'recall at {fpr:g} false-alarm rate':32}{a:>10.4f}{r:>10.4f}")
+                lines.append(f"{f'recall at {fpr:g} false-alarm rate':32}{a:>10.4f}{r:>{w}.4f}")
         lines.append(f"test images: {metrics['n_normal']} normal, {metrics['n_anomaly']} anomalies")
     if "holdout_n" in metrics:
         lines.append(f"held-out normal images: {metrics['holdout_n']}; false alarms at the checkpoint's |z| > 3: "
-                     f"{metrics['holdout_far_checkpoint']:.4f}; R-score median {metrics['holdout_r_p50']:.4g} "
+                     f"{metrics['holdout_far_checkpoint']:.4f}; {score_label} median {metrics['holdout_r_p50']:.4g} "
                      f"(1%-99%: {metrics['holdout_r_p01']:.4g}-{metrics['holdout_r_p99']:.4g}); "
                      f"mean |x - G(E(x))| {metrics['holdout_recon_l1']:.4f}")
     return "\n".join(lines)

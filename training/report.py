@@ -335,8 +335,7 @@ def write_report(out_dir: str | Path, scorer, *, title: str, metrics: Mapping[st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     has_anomalies = anomaly_images is not None and r_anomaly is not None and len(r_anomaly) > 0
-    # the axis names the model's score: R, or the Mahalanobis distance of a `score: mahalanobis` model
-    score_label = "R-score" if scorer.checkpoint.score_name == "R" else "Mahalanobis distance"
+    score_label = scorer.checkpoint.score_label
     images = [plot_scores(out / "scores.png", r_normal, r_anomaly if has_anomalies else None, normal_label,
                           score_label)]
     if has_anomalies:

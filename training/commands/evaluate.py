@@ -191,6 +191,6 @@ def run(args: argparse.Namespace) -> int:
     line = json.dumps(result, sort_keys=True)
     if args.out:
         atomic_write_bytes(args.out, (line + "\n").encode())
-    print(human_table(result), file=sys.stderr, flush=True)
+    print(human_table(result, ckpt.score_label), file=sys.stderr, flush=True)
     print(line, file=sys.stdout, flush=True)
     return 0
