@@ -85,8 +85,8 @@ class ScoreBank:
         n = len(images)
         with torch.no_grad():
             codes = torch.cat([self.model.encoder(to_tensor(images[i:i + 512])) for i in range(0, n, 512)])
-        return {"r": scores.r, "d": feature_gaussian.feature_difference(f).astype(np.float64), "codes": codes.numpy().astype(np.float64),
-                "L": complexity(images)}
+        return {"r": scores.r, "d": feature_gaussian.feature_difference(f).astype(np.float64),
+                "codes": codes.numpy().astype(np.float64), "L": complexity(images)}
 
     def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
         raw = self._raw(images)
